@@ -1,0 +1,3 @@
+"""raypdm: red-team protective perturbations on personalized diffusion models, at cluster scale on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""`raypdm ...`: one CLI for every job. Each command builds a typed config (flags, --config YAML,
+--set key=value overrides), validates it before any work starts, and runs on Ray."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from raypdm import __version__
+from raypdm.config import ConfigError, resolve_config
+from raypdm.data.layout import LayoutError
+
+__all__ = ["main", "cli"]
+
+
+def _friendly_errors(fn):
+    """Config, layout and weights errors are the user's to fix: print the message, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, LayoutError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except FileNotFoundError as exc:
+            # MissingWeightsError is a FileNotFoundError whose message names the file and the fetch command.
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="override any config field, e.g. --set options.jpeg.quality=90")(fn)
+    fn = click.option("--config", "config_path", default=None, metavar="FILE",
+                      help="YAML config (fsspec URI); flags and --set override it")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="raypdm")
+@click.option("-v", "--verbose", is_flag=True, help="show Ray's own logs and progress bars")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """raypdm: red-team protective perturbations on personalized diffusion models, on Ray."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"verbose": verbose}
+
+
+# ------------------------------------------------------------------------------------------------ demo
+@cli.command()
+@click.option("--out", default="raypdm-demo", show_default=True, help="output folder (fsspec URI)")
+@click.option("--identities", type=int, default=None, help="synthetic identities [2]")
+@click.option("--images", type=int, default=None, help="images per split and identity [4]")
+@click.option("--size", type=int, default=None, help="image side in pixels [128]")
+@click.option("--seed", type=int, default=None)
+@click.option("--no-progress", is_flag=True, help="plain output (logs, CI)")
+@_config_options
+@_friendly_errors
+def demo(out, identities, images, size, seed, no_progress, config_path, overrides) -> None:
+    """Run the whole pipeline on tiny models and synthetic data, on an embedded local Ray."""
+    from raypdm.demo import DemoConfig, run_demo
+
+    cfg = resolve_config(
+        DemoConfig,
+        path=config_path,
+        flags={"out": out, "identities": identities, "images": images, "size": size, "seed": seed,
+               "progress": False if no_progress else None},
+        overrides=overrides,
+    )
+    run_demo(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@cli.group()
+def data() -> None:
+    """Datasets in the <root>/<identity>/<set_A|set_B|set_C>/<image> layout."""
+
+
+@data.command("make-synthetic")
+@click.option("--out", required=True, help="dataset root to write (fsspec URI)")
+@click.option("--identities", type=int, default=2, show_default=True)
+@click.option("--images", type=int, default=4, show_default=True, help="images per split and identity")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=int, default=512, show_default=True)
+@click.option("--real-photos/--no-real-photos", default=False, show_default=True,
+              help="add an identity cut from scikit-image's astronaut portrait")
+@_friendly_errors
+def make_synthetic_cmd(out, identities, images, seed, size, real_photos) -> None:
+    """Write a deterministic synthetic face-like dataset."""
+    from raypdm.data.synthetic import make_synthetic
+
+    try:
+        written = make_synthetic(out, identities=identities, images=images, seed=seed, size=size, real_photos=real_photos)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(f"wrote {len(written)} images under {out}")
+
+
+@data.command("check")
+@click.argument("uri")
+@_friendly_errors
+def check_cmd(uri) -> None:
+    """Validate a dataset: counts per identity and split, every bad file. Exit 1 when anything is wrong."""
+    from raypdm.data.check import check_dataset
+    from raypdm.runtime import init_ray
+    from raypdm.ui import console, print_table
+
+    init_ray()
+    report = check_dataset(uri)
+    rows = [(i, s, c) for (i, s), c in report.counts.items()]
+    print_table(f"dataset {uri}", ["identity", "split", "good images"], rows)
+    if report.sizes:
+        sizes = ", ".join(f"{h}x{w}: {n}" for (h, w), n in report.sizes.most_common(5))
+        console.print(f"image sizes: {sizes}")
+    if report.bad:
+        print_table("bad files", ["file", "reason"], report.bad)
+    for p in report.problems:
+        console.print(f"[yellow]layout problem:[/yellow] {p}")
+    if not report.ok:
+        console.print(f"[red]{len(report.bad)} bad files, {len(report.problems)} layout problems[/red]")
+        sys.exit(1)
+    console.print("[green]ok[/green]")
+
+
+# ---------------------------------------------------------------------------------------------- purify
+@cli.command()
+@click.option("--input", "input_", default=None, help="dataset root (fsspec URI)")
+@click.option("--output", default=None, help="output root (fsspec URI)")
+@click.option("--purifier", default=None, help="name or chain: jpeg, gaussian, tvm, codeformer, sr, codesr, a+b")
+@click.option("--preset", type=click.Choice(["tiny", "full"]), default=None)
+@click.option("--weights-dir", default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--gpus-per-worker", type=float, default=None)
+@click.option("--identities", default=None, help="comma-separated identities (default: all)")
+@click.option("--no-progress", is_flag=True)
+@_config_options
+@_friendly_errors
+def purify(input_, output, purifier, preset, weights_dir, batch_size, workers, gpus_per_worker, identities,
+           no_progress, config_path, overrides) -> None:
+    """Purify images with a purifier or chain; resumable, with a Parquet manifest."""
+    from raypdm.pipelines.purify import PurifyConfig, run_purify
+    from raypdm.ui import stage_progress, stage_summary_table
+
+    cfg = resolve_config(
+        PurifyConfig,
+        path=config_path,
+        flags={"input": input_, "output": output, "purifier": purifier, "preset": preset, "weights_dir": weights_dir,
+               "batch_size": batch_size, "workers": workers, "gpus_per_worker": gpus_per_worker,
+               "identities": identities.split(",") if identities else None},
+        overrides=overrides,
+    )
+    with stage_progress(f"purify: {cfg.purifier}", not no_progress) as progress:
+        summary = run_purify(cfg, progress=progress)
+    stage_summary_table([summary], title="purify")
+    if summary.errors:
+        click.echo(f"{summary.errors} inputs became error rows; see {cfg.output}/manifest.parquet")
+
+
+def _add_optional_groups() -> None:
+    try:
+        from raypdm.models.cli import models_cli
+    except ModuleNotFoundError as exc:  # only while the registry module is absent
+        if exc.name != "raypdm.models.cli":
+            raise
+    else:
+        cli.add_command(models_cli, "models")
+
+
+_add_optional_groups()
+
+
+def main() -> None:
+    cli(prog_name="raypdm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The dataset layout the field uses (VGGFace2 / CelebA-HQ style): `<root>/<identity>/<split>/<image>`.
+
+- `set_A`: the images a user would publish; protections are applied here and fine-tuning trains on it.
+- `set_B`: clean reference images of the same identity (identity scores compare against these).
+- `set_C`: extra clean images.
+
+Every identity, split and file name is validated before anything is written under an output root, so a
+name can never escape that root (no `..`, no absolute paths, no separators, no control characters) and no
+two inputs can land on the same output file after normalisation.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass
+
+from raypdm.data.uri import fs_and_path, join, to_uri
+
+SPLITS: tuple[str, ...] = ("set_A", "set_B", "set_C")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+__all__ = [
+    "SPLITS",
+    "IMAGE_SUFFIXES",
+    "LayoutError",
+    "ImageRef",
+    "validate_component",
+    "output_name",
+    "normalised",
+    "list_images",
+]
+
+
+class LayoutError(ValueError):
+    """A name or folder that does not fit the dataset layout or would escape the output root."""
+
+
+def validate_component(name: str, what: str = "name") -> str:
+    """Check one path component (identity, split or file name); return it unchanged or raise."""
+    if not isinstance(name, str) or not name:
+        raise LayoutError(f"{what} is empty")
+    if name in (".", ".."):
+        raise LayoutError(f"{what} {name!r} is a relative path step")
+    if "/" in name or "\\" in name:
+        raise LayoutError(f"{what} {name!r} contains a path separator")
+    if name.startswith("~"):
+        raise LayoutError(f"{what} {name!r} starts with '~' (home-directory expansion)")
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        raise LayoutError(f"{what} {name!r} looks like a drive-absolute path")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise LayoutError(f"{what} {name!r} contains control characters")
+    if name != name.strip():
+        raise LayoutError(f"{what} {name!r} has leading or trailing whitespace")
+    if len(name.encode()) > 200:
+        raise LayoutError(f"{what} {name[:40]!r}... is longer than 200 bytes")
+    return name
+
+
+def normalised(name: str) -> str:
+    """The form two names collide in: Unicode NFC, case-folded (macOS and Windows folders fold case)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def output_name(name: str) -> str:
+    """Stage outputs are PNG: `photo.jpg` -> `photo.png`."""
+    stem, _ = posixpath.splitext(name)
+    return f"{stem or name}.png"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input file of the layout. `error` is set when its name cannot be used safely."""
+
+    identity: str
+    split: str
+    name: str
+    src_uri: str
+    error: str | None = None
+
+    @property
+    def out_relpath(self) -> str:
+        return posixpath.join(self.identity, self.split, output_name(self.name))
+
+
+def _check_ref(identity: str, split: str, name: str) -> str | None:
+    try:
+        validate_component(identity, "identity")
+        validate_component(split, "split")
+        validate_component(name, "file name")
+        validate_component(output_name(name), "output file name")
+    except LayoutError as exc:
+        return str(exc)
+    return None
+
+
+def list_images(
+    root: str,
+    *,
+    identities: list[str] | None = None,
+    splits: tuple[str, ...] | list[str] | None = SPLITS,
+) -> tuple[list[ImageRef], list[str]]:
+    """List every file of the layout under `root`.
+
+    Returns (refs, problems). Files whose names are unsafe or collide after normalisation are returned
+    as refs with `error` set (they become error rows, the job goes on); folders and files that are not
+    part of the layout at all are reported in `problems`.
+    """
+    fs, base = fs_and_path(root)
+    if not fs.exists(base) or not fs.isdir(base):
+        raise LayoutError(f"dataset root {root!r} does not exist or is not a folder")
+    base = base.rstrip("/")
+    wanted_splits = tuple(splits) if splits else SPLITS
+    if identities is not None:
+        for ident in identities:
+            validate_component(ident, "identity")
+    problems: list[str] = []
+    refs: list[ImageRef] = []
+    for entry in sorted(fs.ls(base, detail=True), key=lambda e: e["name"]):
+        ident = posixpath.basename(entry["name"].rstrip("/"))
+        if ident.startswith("."):
+            continue
+        if entry["type"] != "directory":
+            if not ident.endswith((".parquet", ".yaml", ".json", ".html", ".md")):
+                problems.append(f"{ident}: a file at the identity level (expected <identity>/<split>/<image>)")
+            continue
+        if identities is not None and ident not in identities:
+            continue
+        for sub in sorted(fs.ls(entry["name"], detail=True), key=lambda e: e["name"]):
+            split = posixpath.basename(sub["name"].rstrip("/"))
+            if split.startswith("."):
+                continue
+            if sub["type"] != "directory" or split not in SPLITS:
+                problems.append(f"{ident}/{split}: not a split folder (expected one of {', '.join(SPLITS)})")
+                continue
+            if split not in wanted_splits:
+                continue
+            for f in sorted(fs.ls(sub["name"], detail=True), key=lambda e: e["name"]):
+                name = posixpath.basename(f["name"].rstrip("/"))
+                if name.startswith(".") or ".tmp-" in name:
+                    continue
+                if f["type"] == "directory":
+                    problems.append(f"{ident}/{split}/{name}: nested folder ignored")
+                    continue
+                refs.append(ImageRef(ident, split, name, to_uri(fs, f["name"]), _check_ref(ident, split, name)))
+    if identities is not None:
+        found = {r.identity for r in refs}
+        for ident in identities:
+            if ident not in found:
+                problems.append(f"{ident}: identity not found under {root}")
+    return _mark_collisions(refs), problems
+
+
+def _mark_collisions(refs: list[ImageRef]) -> list[ImageRef]:
+    """Two inputs that map to one output file (a.jpg + a.png, A.png + a.png) both become error rows:
+    picking one silently would drop the other without a trace."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, ref in enumerate(refs):
+        if ref.error is None:
+            key = "/".join(normalised(p) for p in (ref.identity, ref.split, output_name(ref.name)))
+            groups[key].append(i)
+    out = list(refs)
+    for members in groups.values():
+        if len(members) > 1:
+            names = ", ".join(refs[i].name for i in members)
+            for i in members:
+                r = refs[i]
+                out[i] = ImageRef(
+                    r.identity, r.split, r.name, r.src_uri,
+                    f"output name collides after normalisation: {r.identity}/{r.split}: {names}",
+                )
+    return out
+
+
+def output_uri(out_root: str, ref: ImageRef) -> str:
+    """Where a stage writes the output for `ref`. Only called for refs whose names were validated."""
+    if ref.error is not None:
+        raise LayoutError(f"refusing to write an output for an invalid name: {ref.error}")
+    return join(out_root, ref.identity, ref.split, output_name(ref.name))

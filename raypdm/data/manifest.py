@@ -1,0 +1,177 @@
+"""Parquet manifests: one row per input of a stage, error rows included, keyed for resume.
+
+Layout under a stage's output root:
+    manifest.parquet          the compacted manifest (one row per key)
+    _manifest_parts/*.parquet rows appended while a run streams; folded into manifest.parquet at its end
+
+A row's key is (identity, split, name, input_sha256, config_hash): the same bytes under the same config
+are never processed twice, and a changed file or config is processed again (its new row replaces the
+old one: the manifest holds one row per output location). Rows that finished, and rows
+that failed because of the input itself (`error_kind == "input"`: a corrupt file stays corrupt), count
+as done on a re-run. Rows that failed for a passing reason (`error_kind == "runtime"`: an actor died, a
+device ran out of memory) are tried again. An interrupted run leaves its parts behind; the next run
+reads them, skips what they cover and compacts everything.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypdm.data.uri import fs_and_path, join, write_bytes
+
+ERROR_INPUT = "input"
+ERROR_RUNTIME = "runtime"
+
+MANIFEST_FIELDS: list[pa.Field] = [
+    pa.field("identity", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("name", pa.string()),
+    pa.field("src_uri", pa.string()),
+    pa.field("uri", pa.string()),
+    pa.field("input_sha256", pa.string()),
+    pa.field("output_sha256", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("config_hash", pa.string()),
+    pa.field("seconds", pa.float64()),
+    pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),
+    pa.field("run_id", pa.string()),
+]
+MANIFEST_SCHEMA = pa.schema(MANIFEST_FIELDS)
+MANIFEST_COLUMNS = [f.name for f in MANIFEST_FIELDS]
+
+__all__ = [
+    "ERROR_INPUT",
+    "ERROR_RUNTIME",
+    "MANIFEST_SCHEMA",
+    "MANIFEST_COLUMNS",
+    "row_key",
+    "conform",
+    "Manifest",
+]
+
+
+def row_key(identity: str, split: str, name: str, input_sha256: str | None, config_hash: str) -> str:
+    return f"{identity}/{split}/{name}|{input_sha256 or ''}|{config_hash}"
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Put the base columns first with their declared types; keep any extra stage columns after them."""
+    cols, fields = [], []
+    for f in MANIFEST_FIELDS:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            cols.append(col.cast(f.type) if col.type != f.type else col)
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name not in MANIFEST_COLUMNS:
+            col = table.column(name)
+            if pa.types.is_null(col.type):
+                col = col.cast(pa.float64())
+            cols.append(col)
+            fields.append(pa.field(name, col.type))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+class Manifest:
+    """The manifest of one stage output root."""
+
+    FILE = "manifest.parquet"
+    PARTS = "_manifest_parts"
+
+    def __init__(self, out_uri: str):
+        self.out_uri = str(out_uri)
+        self.fs, self.root = fs_and_path(self.out_uri)
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self._seq = 0
+
+    # -- reading -----------------------------------------------------------------------------
+    def _files(self) -> list[str]:
+        files = []
+        main = posixpath.join(self.root, self.FILE)
+        if self.fs.exists(main):
+            files.append(main)
+        parts = posixpath.join(self.root, self.PARTS)
+        if self.fs.exists(parts):
+            files += sorted(p for p in self.fs.ls(parts, detail=False) if p.endswith(".parquet"))
+        return files
+
+    def read(self) -> pa.Table:
+        """Every row, deduplicated by key (a finished row beats an error row, a later row an earlier)."""
+        tables = []
+        for path in self._files():
+            with self.fs.open(path, "rb") as f:
+                tables.append(conform(pq.read_table(f)))
+        if not tables:
+            return MANIFEST_SCHEMA.empty_table()
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return _dedupe(table)
+
+    def done_keys(self) -> set[str]:
+        table = self.read()
+        if table.num_rows == 0:
+            return set()
+        done = set()
+        for row in table.select(["identity", "split", "name", "input_sha256", "config_hash", "error_kind"]).to_pylist():
+            if row["error_kind"] in (None, ERROR_INPUT):
+                done.add(row_key(row["identity"], row["split"], row["name"], row["input_sha256"], row["config_hash"]))
+        return done
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(self, rows: pa.Table | Iterable[dict]) -> int:
+        """Persist rows now (one part file), so an interrupted run keeps them."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        if table.num_rows == 0:
+            return 0
+        if "run_id" not in table.column_names:
+            table = table.append_column("run_id", pa.array([self.run_id] * table.num_rows, pa.string()))
+        table = conform(table)
+        name = f"part-{self.run_id}-{self._seq:06d}.parquet"
+        self._seq += 1
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes(join(self.out_uri, self.PARTS, name), sink.getvalue().to_pybytes())
+        return table.num_rows
+
+    def compact(self) -> pa.Table:
+        """Fold parts into manifest.parquet (written atomically), then remove the parts."""
+        parts = [p for p in self._files() if posixpath.basename(posixpath.dirname(p)) == self.PARTS]
+        table = self.read()
+        if parts or not self.fs.exists(posixpath.join(self.root, self.FILE)):
+            sink = pa.BufferOutputStream()
+            pq.write_table(table.sort_by([("identity", "ascending"), ("split", "ascending"), ("name", "ascending")]), sink)
+            write_bytes(join(self.out_uri, self.FILE), sink.getvalue().to_pybytes())
+            for p in parts:
+                self.fs.rm(p)
+        return table
+
+
+def _dedupe(table: pa.Table) -> pa.Table:
+    """One row per output location (identity, split, name): the manifest describes the folder as it is.
+
+    Later rows win (a changed file or config replaced the output), except that an error never replaces
+    a finished row of the same key (a retried row that failed again keeps its earlier success).
+    """
+    rows = table.select(["identity", "split", "name", "input_sha256", "config_hash", "error"]).to_pylist()
+    best: dict[tuple[str, str, str], int] = {}
+    for i, row in enumerate(rows):
+        loc = (row["identity"], row["split"], row["name"])
+        j = best.get(loc)
+        if j is not None:
+            cur = rows[j]
+            same_key = (cur["input_sha256"], cur["config_hash"]) == (row["input_sha256"], row["config_hash"])
+            if same_key and cur["error"] is None and row["error"] is not None:
+                continue
+        best[loc] = i
+    keep = sorted(best.values())
+    if len(keep) == table.num_rows:
+        return table
+    return table.take(pa.array(keep, pa.int64()))

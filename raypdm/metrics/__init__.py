@@ -1,0 +1,1 @@
+"""Scores: faithfulness (LPIPS, SSIM, MS-SSIM, PSNR) now; identity and quality later."""

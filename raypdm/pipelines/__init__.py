@@ -1,0 +1,1 @@
+"""Ray Data graphs that wire readers, purifiers and writers into resumable stages."""

@@ -1,0 +1,283 @@
+"""A resumable image stage on Ray Data: list -> read/decode -> transform -> write PNG -> Parquet manifest.
+
+    driver: list files ─▶ from_items ─▶ load_batch (tasks) ─▶ transform (actor pool or tasks)
+            ─▶ write_batch (tasks: PNG + sha256) ─▶ driver streams rows into manifest parts ─▶ compact
+
+Model transforms run in an actor pool (`compute=ActorPoolStrategy`): the model loads once per actor and
+each actor takes `gpus_per_worker` GPUs when the cluster has GPUs. Cheap transforms (JPEG, blur) run as
+plain tasks. Ray restarts a dead actor and retries its batch; a transform that raises on one image
+turns that image into an error row and the actor carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raypdm.data.decode import DEFAULT_MAX_PIXELS, encode_png, sha256_hex
+from raypdm.data.layout import SPLITS, ImageRef, list_images, output_name
+from raypdm.data.manifest import ERROR_RUNTIME, MANIFEST_COLUMNS, Manifest, conform
+from raypdm.data.read import EMPTY_IMAGE, load_batch, object_column, ref_items
+from raypdm.data.uri import join, write_bytes
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[list[np.ndarray]], list[np.ndarray]]
+# Optional per-row extra columns computed next to the transform (e.g. faithfulness of output vs input).
+Scorer = Callable[[list[np.ndarray], list[np.ndarray]], list[dict[str, Any]]]
+
+__all__ = ["ImageStage", "StageSummary", "run_image_stage"]
+
+
+@dataclass
+class ImageStage:
+    """What a stage does and how it is placed on the cluster.
+
+    make_transform runs once per actor (or once per task for cheap transforms) and returns the batch
+    function; make_scorer, when set, likewise returns a function that adds columns per row.
+    """
+
+    name: str
+    config: dict[str, Any]
+    config_hash: str
+    make_transform: Callable[[], Transform]
+    make_scorer: Callable[[], Scorer] | None = None
+    uses_model: bool = False  # load once per actor (actor pool) instead of per task
+    uses_gpu: bool = False
+    workers: int = 1
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: 1 with GPUs, a fraction on CPU-only clusters
+    batch_size: int = 8
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    output: str
+    total: int = 0
+    processed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+class _TransformWorker:
+    """Actor-pool (or per-task) wrapper: builds the model once, isolates per-image failures."""
+
+    def __init__(self, make_transform: Callable[[], Transform], make_scorer: Callable[[], Scorer] | None):
+        self.transform = make_transform()
+        self.scorer = make_scorer() if make_scorer else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["name"])
+        images = list(batch["image"])
+        errors = list(batch["error"])
+        kinds = list(batch["error_kind"])
+        todo = [i for i in range(n) if not batch["skipped"][i] and not errors[i]]
+        outputs: list[np.ndarray] = [EMPTY_IMAGE] * n
+        seconds = [0.0] * n
+        extras: list[dict[str, Any]] = [{} for _ in range(n)]
+        if todo:
+            start = time.perf_counter()
+            try:
+                results = self.transform([images[i] for i in todo])
+                per_image = (time.perf_counter() - start) / len(todo)  # amortised over the batch
+                for i, out in zip(todo, results):
+                    outputs[i], seconds[i] = out, per_image
+            except Exception:
+                # Find the image that broke the batch; the others still get their outputs.
+                for i in todo:
+                    t0 = time.perf_counter()
+                    try:
+                        outputs[i] = self.transform([images[i]])[0]
+                    except Exception as exc:
+                        errors[i], kinds[i] = f"transform failed: {type(exc).__name__}: {exc}", ERROR_RUNTIME
+                    seconds[i] = time.perf_counter() - t0
+            if self.scorer is not None:
+                ok = [i for i in todo if not errors[i]]
+                if ok:
+                    try:
+                        for i, cols in zip(ok, self.scorer([images[i] for i in ok], [outputs[i] for i in ok])):
+                            extras[i] = cols
+                    except Exception as exc:
+                        log.warning("scoring failed for a batch: %s", exc)
+        result = {k: batch[k] for k in ("identity", "split", "name", "src_uri", "input_sha256", "skipped")}
+        result.update(
+            image=object_column(outputs),
+            error=object_column(errors),
+            error_kind=object_column(kinds),
+            seconds=np.array(seconds, dtype=np.float64),
+        )
+        for key in sorted({k for e in extras for k in e}):
+            result[key] = np.array([e.get(key, np.nan) for e in extras], dtype=np.float64)
+        return result
+
+
+def _transform_task(batch, make_transform, make_scorer):
+    # Cheap transforms run as tasks; building them per batch costs microseconds.
+    return _TransformWorker(make_transform, make_scorer)(batch)
+
+
+def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, config_hash: str) -> dict[str, np.ndarray]:
+    n = len(batch["name"])
+    uris: list[str] = [""] * n
+    out_sha: list[str] = [""] * n
+    errors = list(batch["error"])
+    kinds = list(batch["error_kind"])
+    for i in range(n):
+        if batch["skipped"][i] or errors[i]:
+            continue
+        ref = ImageRef(str(batch["identity"][i]), str(batch["split"][i]), str(batch["name"][i]), "")
+        target = join(out_uri, ref.identity, ref.split, output_name(ref.name))
+        try:
+            data = encode_png(batch["image"][i])
+            write_bytes(target, data)
+            uris[i], out_sha[i] = target, sha256_hex(data)
+        except Exception as exc:
+            errors[i], kinds[i] = f"cannot write output: {type(exc).__name__}: {exc}", ERROR_RUNTIME
+    result = {k: batch[k] for k in batch if k not in ("image",)}
+    result.update(
+        uri=object_column(uris),
+        output_sha256=object_column(out_sha),
+        error=object_column(errors),
+        error_kind=object_column(kinds),
+        stage=np.array([stage] * n, dtype=object),
+        config_hash=np.array([config_hash] * n, dtype=object),
+    )
+    return result
+
+
+def _placement(stage: ImageStage) -> tuple[dict[str, Any], float]:
+    """Ray resources for one transform worker: (remote args, gpus)."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    has_gpus = cluster.get("GPU", 0) > 0
+    gpus = stage.gpus_per_worker if (stage.uses_gpu and has_gpus) else 0.0
+    cpus = stage.cpus_per_worker
+    if cpus is None:
+        # On a small CPU-only machine, whole-CPU actors starve the read and write tasks and the stream
+        # stalls; a fraction leaves room for them (the OS schedules the real cores anyway).
+        cpus = 1.0 if gpus else min(1.0, max(0.25, cluster.get("CPU", 1) / (stage.workers + 2)))
+    return {"num_cpus": cpus, "num_gpus": gpus}, gpus
+
+
+_OPTIONAL_STRINGS = ("uri", "input_sha256", "output_sha256", "error", "error_kind")
+
+
+def _with_nulls(table: pa.Table) -> pa.Table:
+    """Ray-side "" markers back to nulls, with the manifest's types."""
+    import pyarrow.compute as pc
+
+    for name in _OPTIONAL_STRINGS:
+        if name in table.column_names:
+            col = table.column(name).cast(pa.string())
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+            table = table.set_column(table.column_names.index(name), name, col)
+    return conform(table)
+
+
+def run_image_stage(
+    stage: ImageStage,
+    input_uri: str,
+    output_uri: str,
+    *,
+    identities: list[str] | None = None,
+    splits: tuple[str, ...] | list[str] = SPLITS,
+    refs: list[ImageRef] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    flush_rows: int = 256,
+    flush_seconds: float = 10.0,
+) -> StageSummary:
+    """Run one stage over a dataset and return its summary. Safe to re-run: finished rows are skipped."""
+    import ray
+    import ray.data
+
+    from raypdm.runtime import init_ray
+
+    init_ray()
+    t0 = time.perf_counter()
+    problems: list[str] = []
+    if refs is None:
+        refs, problems = list_images(input_uri, identities=identities, splits=splits)
+    summary = StageSummary(stage=stage.name, output=output_uri, total=len(refs), problems=problems)
+    manifest = Manifest(output_uri)
+    done = frozenset(manifest.done_keys())
+    if not refs:
+        manifest.compact()
+        return summary
+
+    remote_args, _ = _placement(stage)
+    batch = max(1, stage.batch_size)
+    ds = ray.data.from_items(ref_items(refs), override_num_blocks=max(1, min(len(refs) // batch, 200)))
+    ds = ds.map_batches(
+        load_batch,
+        batch_size=batch,
+        fn_kwargs={"config_hash": stage.config_hash, "done_keys": done, "max_pixels": stage.max_pixels},
+        num_cpus=0.25,
+    )
+    if stage.uses_model:
+        ds = ds.map_batches(
+            _TransformWorker,
+            fn_constructor_args=(stage.make_transform, stage.make_scorer),
+            batch_size=batch,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, stage.workers), initial_size=max(1, stage.workers)),
+            **remote_args,
+        )
+    else:
+        ds = ds.map_batches(
+            _transform_task,
+            fn_args=(stage.make_transform, stage.make_scorer),
+            batch_size=batch,
+            num_cpus=remote_args["num_cpus"],
+        )
+    ds = ds.map_batches(
+        _write_batch,
+        batch_size=batch,
+        fn_kwargs={"out_uri": output_uri, "stage": stage.name, "config_hash": stage.config_hash},
+        num_cpus=0.25,
+    )
+
+    pending: list[pa.Table] = []
+    pending_rows, last_flush, seen = 0, time.monotonic(), 0
+
+    def flush() -> None:
+        nonlocal pending, pending_rows, last_flush
+        if pending:
+            manifest.append(pa.concat_tables(pending, promote_options="permissive"))
+        pending, pending_rows, last_flush = [], 0, time.monotonic()
+
+    try:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            seen += table.num_rows
+            skipped = table.column("skipped").to_pylist()
+            summary.skipped += sum(skipped)
+            keep = pa.array([not s for s in skipped])
+            rows = _with_nulls(table.filter(keep).drop_columns(["skipped"]))
+            if rows.num_rows:
+                summary.errors += rows.num_rows - rows.column("error").null_count
+                summary.processed += rows.column("error").null_count
+                pending.append(rows)
+                pending_rows += rows.num_rows
+            if pending_rows >= flush_rows or time.monotonic() - last_flush > flush_seconds:
+                flush()
+            if progress:
+                progress(seen, len(refs))
+    finally:
+        # Whatever finished is kept even when the run is interrupted.
+        flush()
+    manifest.compact()
+    summary.seconds = time.perf_counter() - t0
+    return summary
