@@ -117,7 +117,10 @@ def check_cmd(uri) -> None:
         sizes = ", ".join(f"{h}x{w}: {n}" for (h, w), n in report.sizes.most_common(5))
         console.print(f"image sizes: {sizes}")
     if report.bad:
-        print_table("bad files", ["file", "reason"], report.bad)
+        # One line per file: whole paths stay copyable (a table would wrap them).
+        console.print(f"[red]bad files ({len(report.bad)}):[/red]")
+        for uri, reason in report.bad:
+            console.print(f"  {uri}: {reason}", soft_wrap=True, highlight=False)
     for p in report.problems:
         console.print(f"[yellow]layout problem:[/yellow] {p}")
     if not report.ok:
@@ -137,11 +140,17 @@ def check_cmd(uri) -> None:
 @click.option("--workers", type=int, default=None)
 @click.option("--gpus-per-worker", type=float, default=None)
 @click.option("--identities", default=None, help="comma-separated identities (default: all)")
+@click.option("--reference", default=None, help="clean dataset root: faithfulness vs the clean image too")
+@click.option("--chain-layout", type=click.Choice(["fused", "pools"]), default=None,
+              help="model chains: one actor runs the chain, or one actor pool per model")
+@click.option("--lpips", "lpips_backbone", type=click.Choice(["pretrained", "random"]), default=None,
+              help="LPIPS AlexNet trunk: ImageNet weights (from TORCH_HOME) or random (tests, smoke runs)")
+@click.option("--no-faithfulness", is_flag=True, help="skip LPIPS/SSIM/MS-SSIM/PSNR columns")
 @click.option("--no-progress", is_flag=True)
 @_config_options
 @_friendly_errors
 def purify(input_, output, purifier, preset, weights_dir, batch_size, workers, gpus_per_worker, identities,
-           no_progress, config_path, overrides) -> None:
+           reference, chain_layout, lpips_backbone, no_faithfulness, no_progress, config_path, overrides) -> None:
     """Purify images with a purifier or chain; resumable, with a Parquet manifest."""
     from raypdm.pipelines.purify import PurifyConfig, run_purify
     from raypdm.ui import stage_progress, stage_summary_table
@@ -151,7 +160,9 @@ def purify(input_, output, purifier, preset, weights_dir, batch_size, workers, g
         path=config_path,
         flags={"input": input_, "output": output, "purifier": purifier, "preset": preset, "weights_dir": weights_dir,
                "batch_size": batch_size, "workers": workers, "gpus_per_worker": gpus_per_worker,
-               "identities": identities.split(",") if identities else None},
+               "identities": identities.split(",") if identities else None, "reference": reference,
+               "chain_layout": chain_layout, "lpips_backbone": lpips_backbone,
+               "faithfulness": False if no_faithfulness else None},
         overrides=overrides,
     )
     with stage_progress(f"purify: {cfg.purifier}", not no_progress) as progress:
@@ -159,6 +170,35 @@ def purify(input_, output, purifier, preset, weights_dir, batch_size, workers, g
     stage_summary_table([summary], title="purify")
     if summary.errors:
         click.echo(f"{summary.errors} inputs became error rows; see {cfg.output}/manifest.parquet")
+
+
+# ----------------------------------------------------------------------------------------------- bench
+@cli.group()
+def bench() -> None:
+    """Throughput benchmarks (results as Parquet + PNG, and a Markdown table for RESULTS.md)."""
+
+
+@bench.command("purifiers")
+@click.option("--out", default=None, help="results folder (fsspec URI) [benchmarks/results]")
+@click.option("--purifiers", default=None, help="comma-separated purifiers/chains [jpeg,gaussian,tvm,codeformer,sr,codesr]")
+@click.option("--images", type=int, default=None, help="images for the batched and Ray modes [64]")
+@click.option("--preset", type=click.Choice(["tiny", "full"]), default=None)
+@_config_options
+@_friendly_errors
+def bench_purifiers(out, purifiers, images, preset, config_path, overrides) -> None:
+    """Per-image processes vs one batched process vs the Ray Data pipeline (1 and 2 workers)."""
+    from raypdm.bench.purifiers import PurifierBenchConfig, markdown_table, run_purifier_bench
+
+    cfg = resolve_config(
+        PurifierBenchConfig,
+        path=config_path,
+        flags={"out": out or ("benchmarks/results" if not config_path else None), "images": images, "preset": preset,
+               "purifiers": purifiers.split(",") if purifiers else None},
+        overrides=overrides,
+    )
+    df = run_purifier_bench(cfg)
+    click.echo(markdown_table(df))
+    click.echo(f"results: {cfg.out}/purifier_throughput.parquet, plot: {cfg.out}/purifier_throughput.png")
 
 
 def _add_optional_groups() -> None:

@@ -3,6 +3,7 @@ dataset, on Ray Data, with a resumable manifest."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -28,6 +29,14 @@ class PurifyConfig(JobConfig):
     identities: list[str] | None = None
     splits: list[str] = Field(default_factory=lambda: list(SPLITS))
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    reference: str | None = Field(None, description="clean dataset root: faithfulness vs the clean image too")
+    faithfulness: bool = Field(True, description="LPIPS/SSIM/MS-SSIM/PSNR per image vs input (and reference)")
+    lpips_backbone: Literal["pretrained", "random"] = Field(
+        "pretrained", description="'random' needs no download but its LPIPS values only suit tests/smoke runs"
+    )
+    chain_layout: Literal["fused", "pools"] = Field(
+        "fused", description="chains of model purifiers: one actor runs the whole chain, or one pool per model"
+    )
 
     @field_validator("identities")
     @classmethod
@@ -69,25 +78,33 @@ def _normalised_options(cfg: PurifyConfig) -> dict[str, Any]:
 
 def purify_stage(cfg: PurifyConfig) -> ImageStage:
     """The ImageStage for a purify config; its hash covers everything that changes the output pixels."""
-    from raypdm.purify import build_purifier, parse_spec
+    from raypdm.metrics.faithfulness import FaithfulnessScorer  # noqa: F401  (fail early if missing)
+    from raypdm.purify import parse_spec
 
     names = parse_spec(cfg.purifier)
     options = _normalised_options(cfg)
     stage_config = {"stage": "purify", "purifier": names, "options": options, "preset": cfg.preset,
-                    "weights_dir": cfg.weights_dir}
-    spec, preset, weights_dir, opts = cfg.purifier, cfg.preset, cfg.weights_dir, cfg.options
+                    "weights_dir": cfg.weights_dir, "faithfulness": cfg.faithfulness and cfg.lpips_backbone,
+                    "reference": cfg.reference}
+    preset, weights_dir, opts = cfg.preset, cfg.weights_dir, cfg.options
+    if cfg.chain_layout == "pools" and len(names) > 1:
+        makers = [_maker(n, preset, weights_dir, {n: opts[n]} if n in opts else {}) for n in names]
+    else:
+        makers = _maker(cfg.purifier, preset, weights_dir, opts)
+    scorer = None
+    if cfg.faithfulness:
+        if cfg.lpips_backbone == "pretrained":
+            _require_lpips_weights()
+        scorer = functools.partial(FaithfulnessColumns, cfg.reference, cfg.lpips_backbone == "pretrained")
 
-    def make_transform():
-        return build_purifier(spec, preset=preset, weights_dir=weights_dir, options=opts)
-
-    # Build once here (cheap for classic purifiers, no weights for model ones until called) to learn
-    # where it runs; model purifiers load in their actors, not in the driver.
+    # Model purifiers load in their actors, never in the driver: only the names decide placement.
     uses_gpu = _chain_uses_gpu(names)
     return ImageStage(
         name="+".join(names),
         config=stage_config,
         config_hash=config_hash(stage_config),
-        make_transform=make_transform,
+        make_transform=makers,
+        make_scorer=scorer,
         uses_model=uses_gpu,
         uses_gpu=uses_gpu,
         workers=cfg.workers,
@@ -95,6 +112,73 @@ def purify_stage(cfg: PurifyConfig) -> ImageStage:
         batch_size=cfg.batch_size,
         max_pixels=cfg.max_pixels,
     )
+
+
+def _maker(spec: str, preset: str, weights_dir: str | None, options: dict):
+    from raypdm.purify import build_purifier
+
+    return functools.partial(build_purifier, spec, preset=preset, weights_dir=weights_dir, options=options)
+
+
+def _require_lpips_weights() -> None:
+    """Fail in the driver, before any work, when LPIPS's ImageNet trunk is not on this machine."""
+    import os
+
+    from raypdm.metrics.faithfulness import alexnet_weights_path, load_lpips
+
+    if not os.path.isfile(alexnet_weights_path()):
+        load_lpips("cpu", pretrained_backbone=True)  # raises FileNotFoundError naming the file and the fix
+
+
+class FaithfulnessColumns:
+    """Per-row faithfulness of the purified image: vs the purifier's input (`lpips`, `ssim`, `ms_ssim`,
+    `psnr`) and, with a reference dataset, vs the clean image at the same identity/split/name
+    (`ref_lpips`, ...). Images under 32 px per side, or without a readable reference, get NaN."""
+
+    def __init__(self, reference: str | None, lpips_pretrained: bool):
+        from raypdm.metrics.faithfulness import FaithfulnessScorer
+
+        self.reference = reference
+        self.scorer = FaithfulnessScorer(lpips_pretrained=lpips_pretrained)
+
+    def _reference_image(self, row: dict[str, str]):
+        import posixpath
+
+        from raypdm.data.decode import decode_image
+        from raypdm.data.uri import fs_and_path, join, read_bytes
+
+        folder = join(self.reference, row["identity"], row["split"])
+        exact = join(folder, row["name"])
+        fs, path = fs_and_path(exact)
+        try:
+            if not fs.exists(path):
+                stem = posixpath.splitext(row["name"])[0]
+                fs_dir, dir_path = fs_and_path(folder)
+                matches = [p for p in fs_dir.ls(dir_path, detail=False) if posixpath.splitext(posixpath.basename(p))[0] == stem]
+                if len(matches) != 1:
+                    return None
+                return decode_image(fs_dir.cat_file(matches[0]))
+            return decode_image(read_bytes(exact))
+        except Exception:
+            return None
+
+    def __call__(self, inputs, outputs, rows):
+        from raypdm.metrics.faithfulness import MIN_SIDE
+
+        n = len(outputs)
+        cols: list[dict[str, float]] = [{} for _ in range(n)]
+        big = [i for i in range(n) if min(outputs[i].shape[:2]) >= MIN_SIDE and min(inputs[i].shape[:2]) >= MIN_SIDE]
+        if big:
+            for i, s in zip(big, self.scorer.score([outputs[i] for i in big], [inputs[i] for i in big])):
+                cols[i].update(s)
+        if self.reference:
+            refs = {i: self._reference_image(rows[i]) for i in big}
+            have = [i for i in big if refs[i] is not None and min(refs[i].shape[:2]) >= MIN_SIDE]
+            if have:
+                for i, s in zip(have, self.scorer.score([outputs[i] for i in have], [refs[i] for i in have])):
+                    cols[i].update({f"ref_{k}": v for k, v in s.items()})
+        names = ["lpips", "ssim", "ms_ssim", "psnr"] + (["ref_lpips", "ref_ssim", "ref_ms_ssim", "ref_psnr"] if self.reference else [])
+        return [{k: c.get(k, float("nan")) for k in names} for c in cols]
 
 
 # Purifiers that hold a neural network: they get actor pools (load once) and GPUs when present.

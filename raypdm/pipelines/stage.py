@@ -29,8 +29,9 @@ from raypdm.data.uri import join, write_bytes
 log = logging.getLogger(__name__)
 
 Transform = Callable[[list[np.ndarray]], list[np.ndarray]]
-# Optional per-row extra columns computed next to the transform (e.g. faithfulness of output vs input).
-Scorer = Callable[[list[np.ndarray], list[np.ndarray]], list[dict[str, Any]]]
+# Extra per-row columns computed from (inputs, outputs, rows), e.g. faithfulness of output vs input and
+# vs a clean reference. Runs in its own small actor pool so its model (LPIPS) also loads once.
+Scorer = Callable[[list[np.ndarray], list[np.ndarray], list[dict[str, str]]], list[dict[str, float]]]
 
 __all__ = ["ImageStage", "StageSummary", "run_image_stage"]
 
@@ -40,13 +41,15 @@ class ImageStage:
     """What a stage does and how it is placed on the cluster.
 
     make_transform runs once per actor (or once per task for cheap transforms) and returns the batch
-    function; make_scorer, when set, likewise returns a function that adds columns per row.
+    function. A list of factories runs as a chain of steps, one actor pool each (the "pools" layout for
+    purifier chains); a single factory runs the whole transform in one step ("fused").
+    make_scorer, when set, returns a function that adds numeric columns per row.
     """
 
     name: str
     config: dict[str, Any]
     config_hash: str
-    make_transform: Callable[[], Transform]
+    make_transform: Callable[[], Transform] | list[Callable[[], Transform]]
     make_scorer: Callable[[], Scorer] | None = None
     uses_model: bool = False  # load once per actor (actor pool) instead of per task
     uses_gpu: bool = False
@@ -55,6 +58,7 @@ class ImageStage:
     cpus_per_worker: float | None = None  # None: 1 with GPUs, a fraction on CPU-only clusters
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
+    scorer_workers: int = 1
 
 
 @dataclass
@@ -73,12 +77,24 @@ class StageSummary:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
-class _TransformWorker:
-    """Actor-pool (or per-task) wrapper: builds the model once, isolates per-image failures."""
+_SCORER_CPUS = 0.25  # LPIPS-Alex + SSIMs: light next to any model purifier
 
-    def __init__(self, make_transform: Callable[[], Transform], make_scorer: Callable[[], Scorer] | None):
+
+class _TransformWorker:
+    """Actor-pool (or per-task) wrapper: builds the model once, isolates per-image failures.
+
+    keep_input: copy the incoming images to an `input_image` column (the scorer compares against them).
+    """
+
+    def __init__(self, make_transform: Callable[[], Transform], keep_input: bool = False, threads: int | None = None):
+        if threads:
+            # Ray pins OMP_NUM_THREADS to an actor's (fractional) CPU share, i.e. one thread; a lone CPU
+            # actor would then leave the machine's other cores idle.
+            import torch
+
+            torch.set_num_threads(threads)
         self.transform = make_transform()
-        self.scorer = make_scorer() if make_scorer else None
+        self.keep_input = keep_input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["name"])
@@ -88,7 +104,6 @@ class _TransformWorker:
         todo = [i for i in range(n) if not batch["skipped"][i] and not errors[i]]
         outputs: list[np.ndarray] = [EMPTY_IMAGE] * n
         seconds = [0.0] * n
-        extras: list[dict[str, Any]] = [{} for _ in range(n)]
         if todo:
             start = time.perf_counter()
             try:
@@ -105,29 +120,46 @@ class _TransformWorker:
                     except Exception as exc:
                         errors[i], kinds[i] = f"transform failed: {type(exc).__name__}: {exc}", ERROR_RUNTIME
                     seconds[i] = time.perf_counter() - t0
-            if self.scorer is not None:
-                ok = [i for i in todo if not errors[i]]
-                if ok:
-                    try:
-                        for i, cols in zip(ok, self.scorer([images[i] for i in ok], [outputs[i] for i in ok])):
-                            extras[i] = cols
-                    except Exception as exc:
-                        log.warning("scoring failed for a batch: %s", exc)
-        result = {k: batch[k] for k in ("identity", "split", "name", "src_uri", "input_sha256", "skipped")}
+        result = {k: batch[k] for k in batch if k not in ("image", "error", "error_kind", "seconds")}
+        if self.keep_input:
+            result["input_image"] = batch["image"]
+        prior = batch["seconds"] if "seconds" in batch else np.zeros(n)
         result.update(
             image=object_column(outputs),
             error=object_column(errors),
             error_kind=object_column(kinds),
-            seconds=np.array(seconds, dtype=np.float64),
+            seconds=np.asarray(prior, dtype=np.float64) + np.array(seconds, dtype=np.float64),
         )
-        for key in sorted({k for e in extras for k in e}):
-            result[key] = np.array([e.get(key, np.nan) for e in extras], dtype=np.float64)
         return result
 
 
-def _transform_task(batch, make_transform, make_scorer):
+def _transform_task(batch, make_transform, keep_input):
     # Cheap transforms run as tasks; building them per batch costs microseconds.
-    return _TransformWorker(make_transform, make_scorer)(batch)
+    return _TransformWorker(make_transform, keep_input)(batch)
+
+
+class _ScoreWorker:
+    """Adds the scorer's columns (NaN where a row has no output) and drops the kept input images."""
+
+    def __init__(self, make_scorer: Callable[[], Scorer]):
+        self.scorer = make_scorer()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["name"])
+        ok = [i for i in range(n) if not batch["skipped"][i] and not batch["error"][i]]
+        extras: list[dict[str, float]] = [{} for _ in range(n)]
+        if ok:
+            rows = [{k: str(batch[k][i]) for k in ("identity", "split", "name")} for i in ok]
+            try:
+                scores = self.scorer([batch["input_image"][i] for i in ok], [batch["image"][i] for i in ok], rows)
+                for i, cols in zip(ok, scores):
+                    extras[i] = cols
+            except Exception as exc:  # scores are extra information: never lose the outputs over them
+                log.warning("scoring failed for a batch of %d: %s", len(ok), exc)
+        result = {k: v for k, v in batch.items() if k != "input_image"}
+        for key in sorted({k for e in extras for k in e}):
+            result[key] = np.array([e.get(key, np.nan) for e in extras], dtype=np.float64)
+        return result
 
 
 def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, config_hash: str) -> dict[str, np.ndarray]:
@@ -147,7 +179,7 @@ def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, conf
             uris[i], out_sha[i] = target, sha256_hex(data)
         except Exception as exc:
             errors[i], kinds[i] = f"cannot write output: {type(exc).__name__}: {exc}", ERROR_RUNTIME
-    result = {k: batch[k] for k in batch if k not in ("image",)}
+    result = {k: batch[k] for k in batch if k not in ("image", "input_image")}
     result.update(
         uri=object_column(uris),
         output_sha256=object_column(out_sha),
@@ -159,18 +191,35 @@ def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, conf
     return result
 
 
+def _threads_per_actor(actors: int) -> int:
+    """CPU actors share the smallest node's cores (all of a stage's actors may land on one node);
+    more torch threads than cores makes every actor many times slower."""
+    import ray
+
+    node_cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+    return max(1, int(min(node_cpus) // max(1, actors)))
+
+
 def _placement(stage: ImageStage) -> tuple[dict[str, Any], float]:
-    """Ray resources for one transform worker: (remote args, gpus)."""
+    """Ray resources for one transform actor: (remote args, gpus)."""
     import ray
 
     cluster = ray.cluster_resources()
     has_gpus = cluster.get("GPU", 0) > 0
     gpus = stage.gpus_per_worker if (stage.uses_gpu and has_gpus) else 0.0
     cpus = stage.cpus_per_worker
-    if cpus is None:
-        # On a small CPU-only machine, whole-CPU actors starve the read and write tasks and the stream
-        # stalls; a fraction leaves room for them (the OS schedules the real cores anyway).
-        cpus = 1.0 if gpus else min(1.0, max(0.25, cluster.get("CPU", 1) / (stage.workers + 2)))
+    if cpus is None and gpus:
+        cpus = 1.0
+    elif cpus is None:
+        # CPU-only cluster. If the actors' CPU shares add up to every CPU, Ray Data's read and write tasks
+        # never get scheduled and the stream stalls silently. The shares are scheduling tokens (the OS
+        # shares the real cores), so give all actors together at most what is left after a reserve.
+        pools = len(stage.make_transform) if isinstance(stage.make_transform, list) else 1
+        actors = max(1, stage.workers) * pools
+        scorers = _SCORER_CPUS * stage.scorer_workers if stage.make_scorer else 0.0
+        total = cluster.get("CPU", 1)
+        reserve = min(1.0, total / 2)  # for the read/decode and encode/write tasks
+        cpus = min(1.0, max(0.01, (total - reserve - scorers) / actors))
     return {"num_cpus": cpus, "num_gpus": gpus}, gpus
 
 
@@ -219,7 +268,9 @@ def run_image_stage(
         manifest.compact()
         return summary
 
-    remote_args, _ = _placement(stage)
+    remote_args, gpus = _placement(stage)
+    pools = len(stage.make_transform) if isinstance(stage.make_transform, list) else 1
+    threads = None if gpus else _threads_per_actor(stage.workers * pools)
     batch = max(1, stage.batch_size)
     ds = ray.data.from_items(ref_items(refs), override_num_blocks=max(1, min(len(refs) // batch, 200)))
     ds = ds.map_batches(
@@ -228,20 +279,29 @@ def run_image_stage(
         fn_kwargs={"config_hash": stage.config_hash, "done_keys": done, "max_pixels": stage.max_pixels},
         num_cpus=0.25,
     )
-    if stage.uses_model:
+    parts = stage.make_transform if isinstance(stage.make_transform, list) else [stage.make_transform]
+    for k, make in enumerate(parts):
+        keep_input = k == 0 and stage.make_scorer is not None
+        if stage.uses_model:
+            size = max(1, stage.workers)
+            ds = ds.map_batches(
+                _TransformWorker,
+                fn_constructor_args=(make, keep_input, threads),
+                batch_size=batch,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+                **remote_args,
+            )
+        else:
+            ds = ds.map_batches(_transform_task, fn_args=(make, keep_input), batch_size=batch,
+                                num_cpus=remote_args["num_cpus"])
+    if stage.make_scorer is not None:
+        size = max(1, stage.scorer_workers)
         ds = ds.map_batches(
-            _TransformWorker,
-            fn_constructor_args=(stage.make_transform, stage.make_scorer),
+            _ScoreWorker,
+            fn_constructor_args=(stage.make_scorer,),
             batch_size=batch,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, stage.workers), initial_size=max(1, stage.workers)),
-            **remote_args,
-        )
-    else:
-        ds = ds.map_batches(
-            _transform_task,
-            fn_args=(stage.make_transform, stage.make_scorer),
-            batch_size=batch,
-            num_cpus=remote_args["num_cpus"],
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+            num_cpus=_SCORER_CPUS,
         )
     ds = ds.map_batches(
         _write_batch,

@@ -39,9 +39,11 @@ def test_purify_cli_with_config_file_and_overrides(ray_local, tmp_path):
     runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path / "d"), "--identities", "1", "--images", "2", "--size", "32"])
     cfg = tmp_path / "purify.yaml"
     cfg.write_text(f"input: {tmp_path / 'd'}\noutput: {tmp_path / 'o'}\npurifier: jpeg\n")
-    res = runner.invoke(cli, ["purify", "--config", str(cfg), "--set", "options.jpeg.quality=60", "--no-progress"])
+    res = runner.invoke(cli, ["purify", "--config", str(cfg), "--set", "options.jpeg.quality=60", "--lpips", "random",
+                              "--no-progress"])
     assert res.exit_code == 0, res.output
     saved = (tmp_path / "o" / "config.yaml").read_text()
     assert "quality: 60" in saved
+    assert "ssim" in __import__("pyarrow.parquet", fromlist=["x"]).read_table(tmp_path / "o" / "manifest.parquet").column_names
     res = runner.invoke(cli, ["purify", "--config", str(cfg), "--set", "options.jpeg.qualty=60"])
     assert res.exit_code != 0 and "qualty" in res.output

@@ -1,0 +1,63 @@
+"""One registry for every model raypdm runs: random-weight presets, real-weight loading, file checks.
+
+    from raypdm import models
+    sd = models.build("sd21-base", preset="tiny")           # seeded random weights
+    sd = models.load("sd21-base", "/weights", device="cuda")  # reads /weights/sd21-base/...
+    models.check_weights("/weights")                         # present / missing / corrupt per file
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raypdm.models.registry import ModelSpec, WeightFile, get, list_models, register
+from raypdm.models.weights import FileStatus, MissingWeightsError, check_weights, read_state_dict, require_files
+
+# Importing a model module registers it.
+from raypdm.models import stable_diffusion as _stable_diffusion  # noqa: E402,F401
+from raypdm.models import upscaler as _upscaler  # noqa: E402,F401
+
+try:  # written in parallel; registers itself when present
+    from raypdm.models import codeformer as _codeformer  # noqa: F401
+except ImportError:
+    _codeformer = None
+
+__all__ = [
+    "FileStatus",
+    "MissingWeightsError",
+    "ModelSpec",
+    "WeightFile",
+    "build",
+    "check_weights",
+    "get",
+    "list_models",
+    "load",
+    "read_state_dict",
+    "register",
+]
+
+
+def build(
+    name: str, preset: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Any:
+    """The model with seeded random weights. `device="meta"` builds the architecture without memory."""
+    spec = get(name)
+    if preset not in spec.presets:
+        raise ValueError(f"{name}: unknown preset {preset!r}; choose one of {', '.join(spec.presets)}")
+    return spec.builder(preset, torch.device(device), dtype)
+
+
+def load(
+    name: str, weights_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Any:
+    """The model with real weights from `<weights_dir>/<name>/`, offline.
+
+    Raises `MissingWeightsError` (naming each missing file and the command that fetches it) before
+    anything is read.
+    """
+    spec = get(name)
+    require_files(spec, weights_dir)
+    return spec.loader(spec.model_dir(weights_dir), torch.device(device), dtype)

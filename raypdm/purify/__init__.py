@@ -1,0 +1,67 @@
+"""Purifiers: one module per purifier; a purifier maps a uint8 HxWx3 batch to a uint8 HxWx3 batch.
+
+Importing this package registers every purifier, so ``build_purifier("codesr")`` works after
+``import raypdm.purify``. See ``base.py`` for the interface and how to add one.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from raypdm.purify.base import (
+    BuildContext,
+    ChainPurifier,
+    Purifier,
+    PurifierOptions,
+    build_purifier,
+    check_image,
+    default_device,
+    float_to_uint8,
+    group_indices_by_size,
+    list_aliases,
+    list_purifiers,
+    parse_spec,
+    purifier_options_model,
+    register_alias,
+    register_purifier,
+)
+
+# Classic purifiers: always present.
+from raypdm.purify.gaussian import GaussianOptions, GaussianPurifier
+from raypdm.purify.jpeg import JpegOptions, JpegPurifier
+from raypdm.purify.tvm import TvmOptions, TvmPurifier
+
+# Model purifiers are written separately and may not exist yet. Only the absence of exactly these
+# modules is tolerated; an error *inside* one of them (or a missing dependency of it) still raises.
+_OPTIONAL_MODULES = ("raypdm.purify.codeformer", "raypdm.purify.sr")
+for _module in _OPTIONAL_MODULES:
+    try:
+        importlib.import_module(_module)
+    except ModuleNotFoundError as _err:
+        if _err.name != _module:
+            raise
+del _module
+
+__all__ = [
+    "BuildContext",
+    "ChainPurifier",
+    "GaussianOptions",
+    "GaussianPurifier",
+    "JpegOptions",
+    "JpegPurifier",
+    "Purifier",
+    "PurifierOptions",
+    "TvmOptions",
+    "TvmPurifier",
+    "build_purifier",
+    "check_image",
+    "default_device",
+    "float_to_uint8",
+    "group_indices_by_size",
+    "list_aliases",
+    "list_purifiers",
+    "parse_spec",
+    "purifier_options_model",
+    "register_alias",
+    "register_purifier",
+]

@@ -1,0 +1,80 @@
+"""The registry itself: lookup, listing, fetch commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+import pytest
+
+from raypdm import models
+from raypdm.models import registry
+from raypdm.models.registry import ModelSpec, WeightFile
+
+
+def _spec(**kw) -> ModelSpec:
+    base = dict(
+        name="dummy",
+        description="test model",
+        licence="MIT",
+        licence_note="",
+        hub_repo=None,
+        hub_revision=None,
+        files=(WeightFile("net.pth", url="https://example.org/net.pth"), WeightFile("extra/cfg.json", url=None)),
+        builder=lambda preset, device, dtype: ("built", preset),
+        loader=lambda model_dir, device, dtype: ("loaded", model_dir),
+    )
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+def test_builtin_models_are_registered():
+    names = models.list_models()
+    assert {"sd21-base", "sd-x4-upscaler"} <= set(names)
+    assert names == sorted(names)
+    for name in ("sd21-base", "sd-x4-upscaler"):
+        spec = models.get(name)
+        assert spec.presets == ("tiny", "full")
+        assert spec.hub_repo and spec.hub_revision and len(spec.hub_revision) == 40
+        assert spec.licence and spec.layouts is not None
+        assert any(f.layout == "unet" for f in spec.files)
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(KeyError) as err:
+        models.get("sd15")
+    assert "sd21-base" in str(err.value) and "sd-x4-upscaler" in str(err.value)
+    with pytest.raises(KeyError):
+        models.build("sd15")
+
+
+def test_register_get_and_replace(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    spec = models.register(_spec())
+    assert models.get("dummy") is spec and "dummy" in models.list_models()
+    assert models.build("dummy", preset="full") == ("built", "full")
+    replaced = models.register(_spec(description="v2"))
+    assert models.get("dummy") is replaced
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"  # type: ignore[misc]
+
+
+def test_fetch_command_for_hub_models(tmp_path):
+    spec = models.get("sd21-base")
+    cmd = spec.fetch_command(tmp_path)
+    assert cmd.startswith(
+        f"hf download stabilityai/stable-diffusion-2-1-base --revision {spec.hub_revision} "
+        f"--local-dir {tmp_path / 'sd21-base'}"
+    )
+    args = shlex.split(cmd)
+    for f in spec.files:
+        assert f.path in args  # only the files `load` reads, not the repo's multi-GB extras
+
+
+def test_fetch_command_for_direct_urls(tmp_path):
+    cmd = _spec().fetch_command(tmp_path / "w s")  # a space: the command must stay copy-pasteable
+    lines = cmd.splitlines()
+    dest = tmp_path / "w s" / "dummy" / "net.pth"
+    assert shlex.split(lines[0]) == ["mkdir", "-p", str(dest.parent), "&&", "curl", "-L", "-o", str(dest),
+                                     "https://example.org/net.pth"]
+    assert "no public URL" in lines[1] and "extra/cfg.json" in lines[1]
