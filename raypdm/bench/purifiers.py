@@ -27,6 +27,7 @@ from pydantic import Field
 
 from raypdm.config import JobConfig
 from raypdm.data.uri import join
+from raypdm.pipelines.purify import MODEL_PURIFIERS
 
 __all__ = ["PurifierBenchConfig", "run_purifier_bench", "MODEL_CHAINS"]
 
@@ -150,12 +151,14 @@ def run_purifier_bench(cfg: PurifierBenchConfig, *, log=print) -> "Any":
             if "batched" in cfg.modes:
                 w, r = _run_worker(_worker_cmd(cfg, purifier, "batched", inputs, os.path.join(tmp, f"b-{purifier}")))
                 rows.append(_row(purifier, "batched", None, None, r["images"], w, load_s=r["load_s"] + r["import_s"],
-                                 peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r["peak_gpu_mb"]))
+                                 compute_s=r["compute_s"], peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r["peak_gpu_mb"]))
                 log(f"{purifier:12s} batched     {w / r['images']:8.3f} s/sample  {r['images'] / w:7.2f} images/s")
             if "ray" in cfg.modes:
                 _warm_up_ray_workers(data, tmp)
                 layouts = ["fused", "pools"] if len(_parts(purifier)) > 1 and purifier in MODEL_CHAINS else ["fused"]
-                for workers in cfg.workers:
+                # Classic purifiers run as Ray tasks: a worker count does not apply, one row says it all.
+                model = any(p in MODEL_PURIFIERS for p in _parts(purifier))
+                for workers in cfg.workers if model else cfg.workers[:1]:
                     for layout in layouts:
                         row = _ray_mode(cfg, purifier, data, workers, layout, tmp)
                         rows.append(row)

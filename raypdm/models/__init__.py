@@ -16,14 +16,8 @@ import torch
 from raypdm.models.registry import ModelSpec, WeightFile, get, list_models, register
 from raypdm.models.weights import FileStatus, MissingWeightsError, check_weights, read_state_dict, require_files
 
-# Importing a model module registers it.
-from raypdm.models import stable_diffusion as _stable_diffusion  # noqa: E402,F401
-from raypdm.models import upscaler as _upscaler  # noqa: E402,F401
-
-try:  # written in parallel; registers itself when present
-    from raypdm.models import codeformer as _codeformer  # noqa: F401
-except ImportError:
-    _codeformer = None
+# Built-in models register themselves when first asked for (see registry._BUILTIN_MODULES), so importing
+# this package stays cheap.
 
 __all__ = [
     "FileStatus",

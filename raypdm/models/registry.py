@@ -82,6 +82,23 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
+# Built-in models live in their own modules and register themselves when imported. Importing diffusers
+# and transformers costs seconds, so a module is imported only when one of its models is first asked
+# for: a CodeFormer actor never pays for Stable Diffusion's imports.
+_BUILTIN_MODULES: dict[str, str] = {
+    "sd21-base": "raypdm.models.stable_diffusion",
+    "sd-x4-upscaler": "raypdm.models.upscaler",
+    "codeformer": "raypdm.models.codeformer",
+}
+
+
+def _import_builtins(name: str | None = None) -> None:
+    import importlib
+
+    modules = [_BUILTIN_MODULES[name]] if name in _BUILTIN_MODULES else sorted(set(_BUILTIN_MODULES.values()))
+    for module in modules:
+        importlib.import_module(module)
+
 
 def register(spec: ModelSpec) -> ModelSpec:
     """Add `spec`; re-registering the same name replaces it (module reloads in notebooks/tests)."""
@@ -90,12 +107,16 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def get(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        _import_builtins(name)
     try:
         return _REGISTRY[name]
     except KeyError:
+        _import_builtins()
         known = ", ".join(sorted(_REGISTRY)) or "(none registered)"
         raise KeyError(f"unknown model {name!r}; known models: {known}") from None
 
 
 def list_models() -> list[str]:
+    _import_builtins()
     return sorted(_REGISTRY)
