@@ -46,3 +46,11 @@ def astronaut():
     from skimage import data
 
     return data.astronaut()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Ray sessions leave hundreds of MB of logs and sockets behind; remove the folder this run made.
+    import shutil
+
+    if os.environ.get("RAY_TMPDIR") == _RAY_TMP:
+        shutil.rmtree(_RAY_TMP, ignore_errors=True)

@@ -155,8 +155,27 @@ def init_device(preset: str, device: torch.device) -> torch.device:
     return torch.device("cpu") if preset == "tiny" and device.type != "meta" else device
 
 
+class PipelineParts:
+    """What every model bundle shares: move its modules, save it in the hub's diffusers layout.
+    Subclasses are dataclasses of modules/schedulers with a `to_pipeline()`."""
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        for f in fields(self):
+            part = getattr(self, f.name)
+            if isinstance(part, torch.nn.Module):
+                part.to(device=device, dtype=dtype)
+        return self
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the hub's diffusers layout (safetensors), loadable with `raypdm.models.load`."""
+        path = Path(path)
+        self.to_pipeline().save_pretrained(path, safe_serialization=True)
+        save_tokenizer(self.tokenizer, path / "tokenizer")
+        return path
+
+
 @dataclass
-class StableDiffusionParts:
+class StableDiffusionParts(PipelineParts):
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -174,20 +193,6 @@ class StableDiffusionParts:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusionParts:
-        for f in fields(self):
-            part = getattr(self, f.name)
-            if isinstance(part, torch.nn.Module):
-                part.to(device=device, dtype=dtype)
-        return self
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the hub's diffusers layout (safetensors), loadable with `raypdm.models.load`."""
-        path = Path(path)
-        self.to_pipeline().save_pretrained(path, safe_serialization=True)
-        save_tokenizer(self.tokenizer, path / "tokenizer")
-        return path
 
 
 def build_sd21(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> StableDiffusionParts:

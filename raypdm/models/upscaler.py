@@ -7,7 +7,7 @@ the VAE has 3 blocks (f=4), 4 latent channels and scaling factor 0.08333. See sd
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from raypdm.models.registry import Layouts, ModelSpec, WeightFile, register
 from raypdm.models.stable_diffusion import (
+    PipelineParts,
     DIFFUSERS_WEIGHTS,
     LICENCE_NOTE,
     Device,
@@ -41,7 +42,6 @@ from raypdm.models.stable_diffusion import (
     sd_text_stack,
     text_encoder_config,
 )
-from raypdm.models.tokenizer import save_tokenizer
 from raypdm.models.weights import init_on, seeded
 
 NAME = "sd-x4-upscaler"
@@ -126,7 +126,7 @@ _VAE = {"tiny": X4_VAE_TINY, "full": X4_VAE_FULL}
 
 
 @dataclass
-class UpscalerParts:
+class UpscalerParts(PipelineParts):
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -147,19 +147,6 @@ class UpscalerParts:
             watermarker=None,
             max_noise_level=MAX_NOISE_LEVEL,
         )
-
-    def to(self, device: Device | None = None, dtype: torch.dtype | None = None) -> UpscalerParts:
-        for f in fields(self):
-            part = getattr(self, f.name)
-            if isinstance(part, torch.nn.Module):
-                part.to(device=device, dtype=dtype)
-        return self
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        path = Path(path)
-        self.to_pipeline().save_pretrained(path, safe_serialization=True)
-        save_tokenizer(self.tokenizer, path / "tokenizer")
-        return path
 
 
 def build_x4(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> UpscalerParts:

@@ -78,7 +78,6 @@ def _normalised_options(cfg: PurifyConfig) -> dict[str, Any]:
 
 def purify_stage(cfg: PurifyConfig) -> ImageStage:
     """The ImageStage for a purify config; its hash covers everything that changes the output pixels."""
-    from raypdm.metrics.faithfulness import FaithfulnessScorer  # noqa: F401  (fail early if missing)
     from raypdm.purify import parse_spec
 
     names = parse_spec(cfg.purifier)

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from raypdm.data.decode import DEFAULT_MAX_PIXELS, encode_png, sha256_hex
 from raypdm.data.layout import SPLITS, ImageRef, list_images, output_name
-from raypdm.data.manifest import ERROR_RUNTIME, MANIFEST_COLUMNS, Manifest, conform
+from raypdm.data.manifest import ERROR_RUNTIME, Manifest, conform
 from raypdm.data.read import EMPTY_IMAGE, load_batch, object_column, ref_items
 from raypdm.data.uri import join, write_bytes
 

@@ -3,6 +3,7 @@ with `num_gpus`, and the code inside still runs on the CPU (CUDA is absent)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,13 @@ def test_model_actor_gets_a_logical_gpu_and_runs_on_cpu(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rp-")  # short: Ray's socket paths must stay under 107 bytes
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "d"), str(tmp_path / "o"), str(tmp_path / "log.json")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "d"), str(tmp_path / "o"), str(tmp_path / "log.json")],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"gpus": 1.0, "processed": 6}

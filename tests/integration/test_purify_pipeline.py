@@ -3,7 +3,6 @@ chain in the "fused" and "pools" layouts, the LPIPS weights check, and images to
 
 from __future__ import annotations
 
-import io
 import math
 import shutil
 

@@ -63,3 +63,10 @@ def test_missing_root_and_unknown_identity(tmp_path):
     assert any("id2" in p for p in problems)
     with pytest.raises(LayoutError):
         list_images(str(tmp_path), identities=[".."])
+
+
+def test_file_uris_work_like_paths(tmp_path):
+    _touch(tmp_path / "id1" / "set_A" / "0.png")
+    refs, problems = list_images(f"file://{tmp_path}")
+    assert not problems and [r.name for r in refs] == ["0.png"]
+    assert output_uri(f"file://{tmp_path}/out", refs[0]) == f"file://{tmp_path}/out/id1/set_A/0.png"

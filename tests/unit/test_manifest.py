@@ -46,3 +46,9 @@ def test_parts_of_an_interrupted_run_are_read(tmp_path):
     m = Manifest(str(tmp_path))
     m.append([_row("a.png")])  # never compacted: the run "died"
     assert Manifest(str(tmp_path)).read().num_rows == 1
+
+
+def test_manifest_on_a_file_uri(tmp_path):
+    m = Manifest(f"file://{tmp_path}")
+    m.append([_row("a.png")])
+    assert m.compact().num_rows == 1 and (tmp_path / "manifest.parquet").exists()
