@@ -172,6 +172,90 @@ def purify(input_, output, purifier, preset, weights_dir, batch_size, workers, g
         click.echo(f"{summary.errors} inputs became error rows; see {cfg.output}/manifest.parquet")
 
 
+# ----------------------------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--data", default=None, help="dataset root (fsspec URI); trains on each identity's set_A")
+@click.option("--output", default=None, help="output root: <output>/<identity>/export")
+@click.option("--identities", default=None, help="comma-separated identities, or 'all' [all]")
+@click.option("--preset", type=click.Choice(["tiny", "full"]), default=None)
+@click.option("--weights-dir", default=None)
+@click.option("--steps", type=int, default=None, help="optimisation steps per identity [1000]")
+@click.option("--noise-token", default=None, help="CDL noise token [t@j]")
+@click.option("--no-cdl", is_flag=True, help="vanilla DreamBooth (no noise token)")
+@click.option("--prompt-preset", type=click.Choice(["paper", "official-code"]), default=None)
+@click.option("--workers-per-identity", type=int, default=None, help="Ray Train workers per identity [1]")
+@click.option("--gpus-per-worker", type=float, default=None)
+@click.option("--deepspeed-stage", type=click.IntRange(0, 3), default=None, help="ZeRO stage [2]")
+@click.option("--ddp", is_flag=True, help="plain DDP instead of DeepSpeed")
+@click.option("--max-concurrent", type=int, default=None, help="identities training at once [all that fit]")
+@_config_options
+@_friendly_errors
+def train(data, output, identities, preset, weights_dir, steps, noise_token, no_cdl, prompt_preset,
+          workers_per_identity, gpus_per_worker, deepspeed_stage, ddp, max_concurrent, config_path, overrides) -> None:
+    """DreamBooth + CDL fine-tuning, one Ray Train run per identity, many in parallel."""
+    from raypdm.pipelines.train import TrainJobConfig, run_train
+    from raypdm.ui import print_table
+
+    distributed = {k: v for k, v in {"workers": workers_per_identity, "gpus_per_worker": gpus_per_worker,
+                                     "zero_stage": deepspeed_stage, "backend": "ddp" if ddp else None}.items()
+                   if v is not None}
+    cfg = resolve_config(
+        TrainJobConfig,
+        path=config_path,
+        flags={"data": data, "output": output, "preset": preset, "weights_dir": weights_dir,
+               "identities": (identities if identities in (None, "all") else identities.split(",")),
+               "noise_token": noise_token, "cdl": False if no_cdl else None, "prompt_preset": prompt_preset,
+               "max_concurrent": max_concurrent, "train": {"steps": steps} if steps else None,
+               "distributed": distributed or None},
+        overrides=overrides,
+    )
+    try:
+        outcomes = run_train(cfg)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    print_table("train", ["identity", "status", "steps", "final loss", "seconds", "export / error"],
+                [(o["identity"], o["status"], o["steps"], o["final_loss"], f"{o['seconds']:.1f}",
+                  o["export"] or (o["error"] or "")[:120]) for o in outcomes])
+    if any(o["status"] == "failed" for o in outcomes):
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- sample
+@cli.command()
+@click.option("--models", default=None, help="training output root with <identity>/export pipelines")
+@click.option("--output", default=None, help="output root (fsspec URI)")
+@click.option("--identities", default=None, help="comma-separated identities [every export]")
+@click.option("--w-neg", "w", type=float, default=None, help="decoupled negative-guidance weight w of Eq. 6 [7.5]")
+@click.option("--num-images", type=int, default=None, help="images per prompt [16]")
+@click.option("--steps", type=int, default=None, help="denoising steps [100]")
+@click.option("--prompts", "prompts", multiple=True, help="generation prompt (repeatable) [the paper's two]")
+@click.option("--size", type=int, default=None, help="image side [512]")
+@click.option("--workers", type=int, default=None)
+@click.option("--gpus-per-worker", type=float, default=None)
+@click.option("--no-progress", is_flag=True)
+@_config_options
+@_friendly_errors
+def sample(models, output, identities, w, num_images, steps, prompts, size, workers, gpus_per_worker, no_progress,
+           config_path, overrides) -> None:
+    """Decoupled negative-guidance sampling (paper Eq. 6) of every trained identity."""
+    from raypdm.pipelines.sample import SampleJobConfig, run_sample
+    from raypdm.ui import stage_progress, stage_summary_table
+
+    sampling = {k: v for k, v in {"w": w, "num_images": num_images, "steps": steps,
+                                  "prompts": list(prompts) or None, "height": size, "width": size}.items()
+                if v is not None}
+    cfg = resolve_config(
+        SampleJobConfig,
+        path=config_path,
+        flags={"models": models, "output": output, "identities": identities.split(",") if identities else None,
+               "workers": workers, "gpus_per_worker": gpus_per_worker, "sampling": sampling or None},
+        overrides=overrides,
+    )
+    with stage_progress("sample", not no_progress) as progress:
+        summary = run_sample(cfg, progress=progress)
+    stage_summary_table([summary], title="sample")
+
+
 # ----------------------------------------------------------------------------------------------- bench
 @cli.group()
 def bench() -> None:

@@ -45,6 +45,7 @@ __all__ = [
 StepCallback = Callable[[int, "StepLosses"], None]
 WEIGHT_FILES = {"unet": "unet.safetensors", "text_encoder": "text_encoder.safetensors"}
 STATE_FILE = "trainer_state.pt"
+_RANK_NOISE_OFFSET = 0x9E3779B97F  # per-rank shift of the noise generator's seed (rank 0: none)
 
 
 class TrainConfig(StrictModel):
@@ -216,14 +217,18 @@ def _fingerprint(images: Sequence[np.ndarray], size: int) -> str:
     return h.hexdigest()
 
 
-def _cycle_indices(n: int, batch: int, step: int, seed: int, stream: int) -> list[int]:
+def _cycle_indices(
+    n: int, batch: int, step: int, seed: int, stream: int, rank: int = 0, world_size: int = 1
+) -> list[int]:
     """Which images step `step` uses: a fresh seeded permutation per pass over the `n` images.
 
-    A pure function of (seed, step), so a resumed run sees exactly the images a straight run would.
+    A pure function of (seed, step, rank), so a resumed run sees exactly the images a straight run would.
+    Data-parallel ranks take consecutive slices of the same permutation (a global batch of
+    `world_size * batch`); rank 0 of a world of 1 is the single-process order.
     """
     out = []
     for k in range(batch):
-        pos = step * batch + k
+        pos = (step * world_size + rank) * batch + k
         epoch, i = divmod(pos, n)
         g = torch.Generator().manual_seed(seed * 1_000_003 + stream * 7_919 + epoch)
         out.append(int(torch.randperm(n, generator=g)[i]))
@@ -237,8 +242,20 @@ class DreamBoothTrainer:
     resumed from `state_dict()` reproduces a straight run, on any device.
     """
 
-    def __init__(self, parts, cfg: TrainConfig | None = None, prompts: CDLPrompts | None = None):
+    def __init__(
+        self,
+        parts,
+        cfg: TrainConfig | None = None,
+        prompts: CDLPrompts | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
         self.parts = parts
+        # Data-parallel position: each rank draws its own images, noise and timesteps (see `batch`).
+        self.rank, self.world_size = rank, world_size
         self.cfg = cfg or TrainConfig()
         self.prompts = prompts or CDLPrompts()
         self.device = next(parts.unet.parameters()).device
@@ -309,14 +326,17 @@ class DreamBoothTrainer:
             self._latents = (key, encode_latents(vae, instance_images, size), encode_latents(vae, class_images, size))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(instance latents, class latents, noise, timesteps) of step `step`; needs `cache_latents` first."""
+        """(instance latents, class latents, noise, timesteps) of step `step` on this trainer's rank;
+        needs `cache_latents` first. Distinct ranks get distinct images (when there are enough) and noise."""
         if self._latents is None:
             raise RuntimeError("call cache_latents(instance_images, class_images) before training")
         _, inst, cls = self._latents
         seed = self.cfg.seed
-        inst = inst[_cycle_indices(len(inst), self.cfg.instance_batch_size, step, seed, stream=0)]
-        cls = cls[_cycle_indices(len(cls), self.cfg.class_batch_size, step, seed, stream=1)]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 2 * 7_919 + step)
+        r, w = self.rank, self.world_size
+        inst = inst[_cycle_indices(len(inst), self.cfg.instance_batch_size, step, seed, 0, r, w)]
+        cls = cls[_cycle_indices(len(cls), self.cfg.class_batch_size, step, seed, 1, r, w)]
+        # Rank 0 keeps the single-process stream; other ranks are offset far past any step count.
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 2 * 7_919 + step + r * _RANK_NOISE_OFFSET)
         shape = (len(inst) + len(cls), *inst.shape[1:])
         noise = torch.randn(shape, generator=g).to(self.device)
         timesteps = torch.randint(0, self.parts.scheduler.config.num_train_timesteps, (shape[0],), generator=g)

@@ -18,3 +18,12 @@ def test_demo_runs_every_stage(ray_local, tmp_path):
     jpeg = Manifest(str(out / "purified" / "jpeg")).read()
     assert jpeg.num_rows == 3 * 3 * 4 and jpeg.column("error").null_count == jpeg.num_rows
     assert "jpeg (re-run)" in res.output
+    codesr = Manifest(str(out / "purified" / "codesr")).read()
+    assert codesr.num_rows == 3 * 4 and codesr.column("error").null_count == codesr.num_rows
+    assert "ref_ssim" in codesr.column_names
+    # two identities fine-tuned in parallel, then sampled with decoupled guidance
+    exports = sorted(p.parent.name for p in (out / "models").glob("*/export"))
+    assert len(exports) == 2
+    samples = Manifest(str(out / "samples")).read().to_pylist()
+    assert len(samples) == 2 * 2 * 2 and all(r["error"] is None for r in samples)
+    assert {r["identity"] for r in samples} == set(exports) and {r["w"] for r in samples} == {7.5}

@@ -1,0 +1,535 @@
+"""The sampling stage: every trained identity × prompt × image through decoupled guidance (paper Eq. 6)
+on a Ray Data actor pool, with a resumable Parquet manifest.
+
+    models/<identity>/export/          diffusers pipeline folders, as DreamBoothTrainer.export writes them
+    models/<identity>/export/cdl_prompts.json   the token/templates the identity was trained with
+    ─▶ <output>/<identity>/<prompt_slug>/<image_index:04d>.png + manifest.parquet + config.yaml
+
+One manifest row per (identity, prompt_index, image_index), with its seed from `seeds_for`, so a row
+regenerates its image alone. The driver cuts the rows that are not done yet into work units of at most
+`batch_size` images of one identity and one prompt (one pipeline call each); an actor loads an identity's
+pipeline once and keeps the last `max_cached_models` of them. A row's key is
+(identity, prompt slug, file name, hash(export fingerprint, seed), hash(prompt + sampling settings)):
+re-running skips finished rows; a re-exported model or a changed setting samples again. A missing or
+unloadable export becomes error rows (`input`: they stay failed until the export changes) for that
+identity only; a sampling failure becomes `runtime` error rows, retried on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from raypdm.config import JobConfig, config_hash
+from raypdm.data.layout import LayoutError, validate_component
+from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME, Manifest, conform, row_key
+from raypdm.pipelines.stage import StageSummary
+from raypdm.sample.decoupled import SamplingConfig, seeds_for
+from raypdm.train.prompts import CDLPrompts
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPORT_DIR",
+    "SampleJobConfig",
+    "discover_exports",
+    "export_fingerprint",
+    "pool_resources",
+    "prompt_slug",
+    "run_sample",
+]
+
+EXPORT_DIR = "export"
+PROMPTS_FILE = "cdl_prompts.json"
+STAGE = "sample"
+_SMALL_FILE = 1 << 20  # files up to 1 MiB are fingerprinted by content, larger ones by fsspec's ukey
+
+# Columns this stage adds after the manifest's base columns, with their types.
+EXTRA_COLUMNS: dict[str, pa.DataType] = {
+    "prompt": pa.string(),
+    "prompt_index": pa.int64(),
+    "image_index": pa.int64(),
+    "positive_prompt": pa.string(),
+    "negative_prompt": pa.string(),
+    "seed": pa.int64(),
+    "w": pa.float64(),
+    "cfg_scale": pa.float64(),
+    "token": pa.string(),
+    "steps": pa.int64(),
+    "scheduler": pa.string(),
+    "height": pa.int64(),
+    "width": pa.int64(),
+}
+
+
+def prompt_slug(prompt: str) -> str:
+    """A safe folder name for a prompt: 'a smiling photo of sks person' -> 'a-smiling-photo-of-sks-person'.
+    Lower-case ASCII letters, digits and '-', at most 80 characters (a hash keeps long prompts apart)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    if not slug or len(slug) > 80:
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+        slug = f"{slug[:71].rstrip('-')}-{digest}" if slug else f"prompt-{digest}"
+    return validate_component(slug, "prompt slug")
+
+
+class SampleJobConfig(JobConfig):
+    models: str = Field(description="training output root (fsspec URI) with <identity>/export/ pipelines")
+    output: str = Field(description="output root (fsspec URI): images + manifest.parquet + config.yaml")
+    identities: list[str] | None = Field(None, description="identities to sample (default: every export)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    workers: int = Field(1, ge=1, le=10_000)
+    gpus_per_worker: float = Field(1.0, ge=0, le=8)
+    batch_size: int = Field(8, ge=1, le=1024, description="images per work unit (one identity, one prompt)")
+    max_cached_models: int = Field(2, ge=1, le=16, description="pipelines each actor keeps loaded")
+
+    @field_validator("identities")
+    @classmethod
+    def _safe_identities(cls, v: list[str] | None) -> list[str] | None:
+        for ident in v or []:
+            validate_component(ident, "identity")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"identities listed twice: {sorted({i for i in v if v.count(i) > 1})}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_slugs(self) -> SampleJobConfig:
+        seen: dict[str, str] = {}
+        for p in self.sampling.prompts:
+            try:
+                slug = prompt_slug(p)
+            except LayoutError as exc:
+                raise ValueError(f"sampling.prompts: {exc}") from None
+            if slug in seen and seen[slug] != p:
+                raise ValueError(f"sampling.prompts: {seen[slug]!r} and {p!r} share the folder name {slug!r}")
+            if slug in seen:
+                raise ValueError(f"sampling.prompts: {p!r} is listed twice")
+            seen[slug] = p
+        return self
+
+
+# ------------------------------------------------------------------------------------ placement
+
+
+def pool_resources(workers: int, gpus_per_worker: float) -> tuple[dict[str, float], int | None]:
+    """Ray resources of one model actor, and torch threads for CPU actors (None on GPUs).
+
+    On a CPU-only cluster the actors' CPU shares must leave room for Ray Data's other tasks or the stream
+    stalls silently, so all actors together take at most the CPUs left after a reserve.
+    """
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = gpus_per_worker if cluster.get("GPU", 0) > 0 else 0.0
+    if gpus:
+        return {"num_cpus": 1.0, "num_gpus": gpus}, None
+    total = cluster.get("CPU", 1)
+    reserve = min(1.0, total / 2)
+    cpus = min(1.0, max(0.01, (total - reserve) / max(1, workers)))
+    node_cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+    threads = max(1, int(min(node_cpus) // max(1, workers)))
+    return {"num_cpus": cpus, "num_gpus": 0.0}, threads
+
+
+# ----------------------------------------------------------------------------------- the models
+
+
+def discover_exports(models_uri: str, identities: list[str] | None = None) -> tuple[dict[str, str | None], list[str]]:
+    """identity -> its export folder URI (None: asked for but not there), and notes on skipped folders."""
+    from raypdm.data.uri import fs_and_path, join, to_uri
+
+    fs, root = fs_and_path(models_uri)
+    root = root.rstrip("/")
+    if not fs.exists(root) or not fs.isdir(root):
+        raise LayoutError(f"models root {models_uri!r} does not exist or is not a folder")
+    problems: list[str] = []
+    found: dict[str, str | None] = {}
+    if identities is None:
+        for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+            ident = posixpath.basename(entry["name"].rstrip("/"))
+            if entry["type"] != "directory" or ident.startswith((".", "_")):
+                continue
+            try:
+                validate_component(ident, "identity")
+            except LayoutError as exc:
+                problems.append(str(exc))
+                continue
+            export = posixpath.join(entry["name"].rstrip("/"), EXPORT_DIR)
+            if fs.isdir(export):
+                found[ident] = to_uri(fs, export)
+            else:
+                problems.append(f"{ident}: no {EXPORT_DIR}/ folder (not trained yet?); skipped")
+    else:
+        for ident in identities:
+            export = join(models_uri, ident, EXPORT_DIR)
+            efs, epath = fs_and_path(export)
+            found[ident] = export if efs.isdir(epath) else None
+    return found, problems
+
+
+def export_fingerprint(export_uri: str) -> str:
+    """A hash of an export folder: small files (configs, tokenizer, prompts) by content, large ones
+    (weights) by path, size and fsspec's ukey (mtime/inode locally, ETag on object stores)."""
+    from raypdm.data.uri import fs_and_path
+
+    fs, root = fs_and_path(export_uri)
+    root = root.rstrip("/")
+    h = hashlib.sha256()
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        rel = posixpath.relpath(path, root)
+        if ".tmp-" in rel:
+            continue
+        size = int(info.get("size") or 0)
+        h.update(f"{rel}\0{size}\0".encode())
+        if size <= _SMALL_FILE:
+            h.update(fs.cat_file(path))
+        else:
+            h.update(str(fs.ukey(path)).encode())
+    return h.hexdigest()
+
+
+def _training_prompts(export_uri: str) -> CDLPrompts | None:
+    """The CDL prompts an export was trained with (cdl_prompts.json), or None when it has none."""
+    from raypdm.data.uri import exists, join, read_bytes
+
+    target = join(export_uri, PROMPTS_FILE)
+    if not exists(target):
+        return None
+    info = json.loads(read_bytes(target))
+    return CDLPrompts.model_validate(info.get("prompts", info))
+
+
+@dataclass
+class _Plan:
+    """What one identity is sampled with; `error` set when it cannot be sampled at all."""
+
+    identity: str
+    export: str | None
+    fingerprint: str
+    sampling: SamplingConfig
+    error: str | None = None
+
+    def config_hash(self, prompt: str) -> str:
+        s = self.sampling
+        return config_hash({
+            "stage": STAGE, "prompt": prompt, "steps": s.steps, "w": s.w, "height": s.height, "width": s.width,
+            "scheduler": s.scheduler, "noise_device": s.noise_device,
+            "cdl_prompts": s.cdl_prompts.model_dump(mode="json"),
+        })
+
+    def input_sha256(self, seed: int) -> str:
+        return hashlib.sha256(f"{self.fingerprint}/{int(seed)}".encode()).hexdigest()
+
+
+def _plan(cfg: SampleJobConfig, identity: str, export: str | None) -> _Plan:
+    sampling = cfg.sampling
+    if export is None:
+        error = f"no export folder {identity}/{EXPORT_DIR}/ under {cfg.models}"
+        return _Plan(identity, None, "missing", sampling, error)
+    try:
+        fingerprint = export_fingerprint(export)
+    except Exception as exc:
+        return _Plan(identity, export, "unreadable", sampling, f"cannot read export: {type(exc).__name__}: {exc}")
+    try:
+        trained = _training_prompts(export)
+    except Exception as exc:
+        return _Plan(identity, export, fingerprint, sampling,
+                     f"broken {PROMPTS_FILE}: {type(exc).__name__}: {exc}")
+    # The prompts the model was trained with win, unless the job sets sampling.cdl_prompts explicitly.
+    if trained is not None and "cdl_prompts" not in sampling.model_fields_set:
+        sampling = sampling.model_copy(update={"cdl_prompts": trained})
+    return _Plan(identity, export, fingerprint, sampling)
+
+
+# ---------------------------------------------------------------------------------------- actor
+
+
+def load_export(export_uri: str, device: str):
+    """The diffusers pipeline of one identity's export (raypdm's strict SD 2.1 loader).
+
+    A local export is read in place; any other URI is copied to a temporary folder first, which is
+    removed once the weights are in memory."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from raypdm import models
+    from raypdm.data.uri import fs_and_path
+
+    fs, path = fs_and_path(export_uri)
+    loader = models.get("sd21-base").loader
+    if isinstance(fs, LocalFileSystem):
+        parts = loader(Path(path), device, None)
+    else:
+        local = tempfile.mkdtemp(prefix="raypdm-export-")
+        try:
+            fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+            parts = loader(Path(local), device, None)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    pipe = parts.to_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _is_resource_error(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+
+
+class _SampleWorker:
+    """One actor of the pool: samples work units (one identity, one prompt, ≤ batch_size seeds)."""
+
+    def __init__(self, plans: dict[str, dict[str, Any]], output: str, threads: int | None, max_cached: int):
+        import torch
+
+        from raypdm.runtime import default_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.plans = plans
+        self.output = output
+        self.max_cached = max_cached
+        self.device = default_device()
+        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.failed: dict[str, tuple[str, str]] = {}
+
+    def _sampler(self, identity: str):
+        from raypdm.sample.decoupled import DecoupledSampler
+
+        if identity in self.cache:
+            self.cache.move_to_end(identity)
+            return self.cache[identity]
+        plan = self.plans[identity]
+        while len(self.cache) >= self.max_cached:
+            self.cache.popitem(last=False)
+            _free_device_memory()
+        sampler = DecoupledSampler(load_export(plan["export"], self.device),
+                                   SamplingConfig.model_validate(plan["sampling"]))
+        self.cache[identity] = sampler
+        return sampler
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: list[dict[str, Any]] = []
+        for k in range(len(batch["identity"])):
+            identity = str(batch["identity"][k])
+            unit = json.loads(str(batch["unit"][k]))
+            rows += self._unit(identity, unit)
+        return {name: _objects([r.get(name) for r in rows]) for name in _ROW_FIELDS}
+
+    def _unit(self, identity: str, unit: dict[str, Any]) -> list[dict[str, Any]]:
+        from raypdm.data.decode import encode_png, sha256_hex
+        from raypdm.data.uri import join, write_bytes
+
+        plan = self.plans[identity]
+        prompt, slug = unit["prompt"], unit["slug"]
+        seeds, indices = unit["seeds"], unit["image_indices"]
+        base = [_base_row(plan, identity, unit, seed, index) for seed, index in zip(seeds, indices, strict=True)]
+        if identity in self.failed:
+            error, kind = self.failed[identity]
+            return [{**r, "error": error, "error_kind": kind} for r in base]
+        try:
+            sampler = self._sampler(identity)
+        except Exception as exc:
+            kind = ERROR_RUNTIME if _is_resource_error(exc) else ERROR_INPUT
+            error = f"cannot load export {plan['export']}: {type(exc).__name__}: {exc}"
+            if kind == ERROR_INPUT:
+                self.failed[identity] = (error, kind)
+            return [{**r, "error": error, "error_kind": kind} for r in base]
+        t1 = time.perf_counter()
+        try:
+            images = sampler.sample(prompt, seeds)
+            records = sampler.records(prompt, seeds, identity=identity)
+        except Exception as exc:
+            error = f"sampling failed: {type(exc).__name__}: {exc}"
+            return [{**r, "error": error, "error_kind": ERROR_RUNTIME} for r in base]
+        # Sampling time per image (a unit's time shared by its images); model loading is not included.
+        seconds = (time.perf_counter() - t1) / len(seeds)
+        out = []
+        for row, image, rec in zip(base, images, records, strict=True):
+            row = {**row, **{k: rec[k] for k in ("positive_prompt", "negative_prompt", "w", "cfg_scale",
+                                                  "token", "steps", "scheduler", "height", "width")}}
+            target = join(self.output, identity, slug, row["name"])
+            try:
+                data = encode_png(image)
+                write_bytes(target, data)
+                row.update(uri=target, output_sha256=sha256_hex(data), seconds=seconds)
+            except Exception as exc:
+                row.update(error=f"cannot write output: {type(exc).__name__}: {exc}", error_kind=ERROR_RUNTIME)
+            out.append(row)
+        return out
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _objects(values: list) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+_ROW_FIELDS = (
+    "identity", "split", "name", "src_uri", "uri", "input_sha256", "output_sha256", "stage", "config_hash",
+    "seconds", "error", "error_kind", *EXTRA_COLUMNS,
+)
+
+
+def image_file(index: int) -> str:
+    return f"{index:04d}.png"
+
+
+def _base_row(plan: dict[str, Any], identity: str, unit: dict[str, Any], seed: int, index: int) -> dict[str, Any]:
+    """A row's identifying and requested fields; the sampler's record fills in the rest."""
+    s = plan["sampling"]
+    return {
+        "identity": identity,
+        "split": unit["slug"],
+        "name": image_file(index),
+        "src_uri": plan["export"],
+        "uri": None,
+        "input_sha256": hashlib.sha256(f"{plan['fingerprint']}/{int(seed)}".encode()).hexdigest(),
+        "output_sha256": None,
+        "stage": STAGE,
+        "config_hash": unit["config_hash"],
+        "seconds": 0.0,
+        "error": None,
+        "error_kind": None,
+        "prompt": unit["prompt"],
+        "prompt_index": unit["prompt_index"],
+        "image_index": int(index),
+        "positive_prompt": None,
+        "negative_prompt": None,
+        "seed": int(seed),
+        "w": float(s["w"]),
+        "cfg_scale": float(s["w"]) + 1.0,
+        "token": s["cdl_prompts"]["token"] if s["cdl_prompts"]["cdl"] else None,
+        "steps": int(s["steps"]),
+        "scheduler": None,
+        "height": int(s["height"]),
+        "width": int(s["width"]),
+    }
+
+
+def _typed(table: pa.Table) -> pa.Table:
+    """Manifest base columns as declared, this stage's columns with their types (nulls stay typed)."""
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if name in EXTRA_COLUMNS:
+            col = col.cast(EXTRA_COLUMNS[name])
+        elif pa.types.is_null(col.type):
+            col = col.cast(pa.float64() if name == "seconds" else pa.string())
+        cols[name] = col
+    return conform(pa.table(cols))
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None = None) -> StageSummary:
+    """Sample every chosen identity; returns the stage summary. Safe to re-run: finished rows are skipped."""
+    import ray
+    import ray.data
+
+    from raypdm.config import save_resolved_config
+    from raypdm.runtime import init_ray
+
+    init_ray()
+    t0 = time.perf_counter()
+    exports, problems = discover_exports(cfg.models, cfg.identities)
+    plans = {ident: _plan(cfg, ident, export) for ident, export in exports.items()}
+    summary = StageSummary(stage=STAGE, output=cfg.output, problems=problems)
+    manifest = Manifest(cfg.output)
+    done = manifest.done_keys()
+
+    prompts = cfg.sampling.prompts
+    units: list[dict[str, Any]] = []
+    broken_rows: list[dict[str, Any]] = []
+    for ident in sorted(plans):
+        plan = plans[ident]
+        pdict = {"export": plan.export, "fingerprint": plan.fingerprint,
+                 "sampling": plan.sampling.model_dump(mode="json")}
+        for p_index, prompt in enumerate(prompts):
+            slug, chash = prompt_slug(prompt), plan.config_hash(prompt)
+            todo: list[tuple[int, int]] = []
+            for i, seed in enumerate(seeds_for(plan.sampling.seed, ident, p_index, plan.sampling.num_images)):
+                summary.total += 1
+                if row_key(ident, slug, image_file(i), plan.input_sha256(seed), chash) in done:
+                    summary.skipped += 1
+                    continue
+                todo.append((i, seed))
+            base_unit = {"prompt": prompt, "prompt_index": p_index, "slug": slug, "config_hash": chash}
+            if plan.error is not None:
+                for i, seed in todo:
+                    row = _base_row(pdict, ident, base_unit, seed, i)
+                    broken_rows.append({**row, "error": plan.error, "error_kind": ERROR_INPUT})
+                continue
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start : start + cfg.batch_size]
+                units.append({"identity": ident, "unit": json.dumps({
+                    **base_unit, "image_indices": [i for i, _ in chunk], "seeds": [s for _, s in chunk]})})
+
+    plan_dicts = {
+        ident: {"export": p.export, "fingerprint": p.fingerprint, "sampling": p.sampling.model_dump(mode="json")}
+        for ident, p in plans.items() if p.error is None
+    }
+    seen = 0
+    todo_rows = summary.total - summary.skipped
+
+    def record(rows: pa.Table) -> None:
+        nonlocal seen
+        rows = _typed(rows)
+        if not rows.num_rows:
+            return
+        errors = rows.num_rows - rows.column("error").null_count
+        summary.errors += errors
+        summary.processed += rows.num_rows - errors
+        manifest.append(rows)
+        seen += rows.num_rows
+        if progress:
+            progress(seen, todo_rows)
+
+    try:
+        if broken_rows:
+            record(pa.Table.from_pylist(broken_rows))
+        if units:
+            remote_args, threads = pool_resources(cfg.workers, cfg.gpus_per_worker)
+            size = max(1, min(cfg.workers, len(units)))
+            ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 200)))
+            ds = ds.map_batches(
+                _SampleWorker,
+                fn_constructor_args=(plan_dicts, cfg.output, threads, cfg.max_cached_models),
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+                **remote_args,
+            )
+            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                # Each unit's rows are persisted as soon as they arrive: an interruption keeps them.
+                record(table)
+    finally:
+        manifest.compact()
+    save_resolved_config(cfg, cfg.output)
+    summary.seconds = time.perf_counter() - t0
+    return summary
