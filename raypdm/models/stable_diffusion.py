@@ -195,23 +195,32 @@ class StableDiffusionParts(PipelineParts):
         )
 
 
-def build_sd21(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> StableDiffusionParts:
-    """Random weights, seeded: the same preset always gives the same weights."""
+def build_random_stack(
+    preset: str, device: Device, dtype: torch.dtype | None, seed: int, unet_config: dict, vae_config: dict
+) -> dict[str, Any]:
+    """UNet, VAE, text encoder and tokenizer with seeded random weights (shared by every SD-family bundle):
+    the same preset and seed always give the same weights; `device="meta"` allocates nothing."""
     check_preset(preset)
     device = torch.device(device)
     where = init_device(preset, device)
-    with seeded(SEED, where):
+    with seeded(seed, where):
         with init_on(where):
-            unet = UNet2DConditionModel(**_UNET[preset])
-            vae = AutoencoderKL(**_VAE[preset])
+            unet = UNet2DConditionModel(**unet_config)
+            vae = AutoencoderKL(**vae_config)
         text_encoder, tokenizer = sd_text_stack(preset, where)
-    return StableDiffusionParts(
-        unet=finish(unet, device, dtype),
-        vae=finish(vae, device, dtype),
-        text_encoder=finish(text_encoder, device, dtype),
-        tokenizer=tokenizer,
-        scheduler=DDPMScheduler.from_config(SD21_SCHEDULER),
-    )
+    return {
+        "unet": finish(unet, device, dtype),
+        "vae": finish(vae, device, dtype),
+        "text_encoder": finish(text_encoder, device, dtype),
+        "tokenizer": tokenizer,
+    }
+
+
+def build_sd21(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> StableDiffusionParts:
+    """Random weights, seeded: the same preset always gives the same weights."""
+    check_preset(preset)
+    stack = build_random_stack(preset, device, dtype, SEED, _UNET[preset], _VAE[preset])
+    return StableDiffusionParts(**stack, scheduler=DDPMScheduler.from_config(SD21_SCHEDULER))
 
 
 # --------------------------------------------------------------------------- loading real weights

@@ -25,24 +25,21 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from raypdm.models.registry import Layouts, ModelSpec, WeightFile, register
 from raypdm.models.stable_diffusion import (
-    PipelineParts,
     DIFFUSERS_WEIGHTS,
     LICENCE_NOTE,
     Device,
+    PipelineParts,
+    build_random_stack,
     check_preset,
-    finish,
     hub_files,
-    init_device,
     layouts_from_configs,
     load_diffusers_model,
     load_scheduler,
     load_text_encoder,
     load_tokenizer,
     meta_layout,
-    sd_text_stack,
     text_encoder_config,
 )
-from raypdm.models.weights import init_on, seeded
 
 NAME = "sd-x4-upscaler"
 SEED = 20221124  # x4 upscaler release date; fixed so tiny weights never change
@@ -151,18 +148,9 @@ class UpscalerParts(PipelineParts):
 
 def build_x4(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> UpscalerParts:
     check_preset(preset)
-    device = torch.device(device)
-    where = init_device(preset, device)
-    with seeded(SEED, where):
-        with init_on(where):
-            unet = UNet2DConditionModel(**_UNET[preset])
-            vae = AutoencoderKL(**_VAE[preset])
-        text_encoder, tokenizer = sd_text_stack(preset, where)
+    stack = build_random_stack(preset, device, dtype, SEED, _UNET[preset], _VAE[preset])
     return UpscalerParts(
-        unet=finish(unet, device, dtype),
-        vae=finish(vae, device, dtype),
-        text_encoder=finish(text_encoder, device, dtype),
-        tokenizer=tokenizer,
+        **stack,
         scheduler=DDIMScheduler.from_config(X4_SCHEDULER),
         low_res_scheduler=DDPMScheduler.from_config(X4_LOW_RES_SCHEDULER),
     )
