@@ -41,6 +41,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a small shared machine: torch's intra-op thread pool costs far more than it gains
+    (5-20x slower under load). Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def astronaut():
     from skimage import data

@@ -467,13 +467,7 @@ class _DDPBackend:
         trainer = self.trainer
         with trainer._autocast():
             total, inst, prior = self.model(*batch)
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()}")
-        total.backward()
-        if trainer.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters(), trainer.cfg.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.apply_gradients(total)
         return total.detach(), inst.detach(), prior.detach()
 
     def lr(self) -> float:

@@ -344,6 +344,16 @@ class DreamBoothTrainer:
 
     # -- training
 
+    def apply_gradients(self, total: torch.Tensor) -> None:
+        """Backward, clip, optimizer step: shared by `train_step` and the DDP wrapper in distributed.py."""
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"step {self.step}: loss is {total.item()} (lr {self.cfg.lr}, {self.precision})")
+        total.backward()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train_step(self) -> StepLosses:
         """One optimisation step at `self.step`, then `self.step += 1`."""
         inst, cls, noise, timesteps = self.batch(self.step)
@@ -354,13 +364,7 @@ class DreamBoothTrainer:
                 self.prompts.instance_prompt(), self.prompts.class_prompt(),
                 noise, timesteps, self.cfg.prior_weight,
             )  # fmt: skip
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"step {self.step}: loss is {total.item()} (lr {self.cfg.lr}, {self.precision})")
-        total.backward()
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_gradients(total)
         losses = StepLosses(
             step=self.step,
             loss=total.item(),

@@ -19,13 +19,7 @@ from raypdm.purify import build_purifier
 WANG_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These tensors are small: on a shared CI box torch's thread pool costs 5-10x more than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

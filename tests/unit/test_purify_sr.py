@@ -19,13 +19,7 @@ from raypdm.purify.sr import SROptions, SRPurifier
 FAST = {"steps": 2, "low_res": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine is small and shared: one intra-op thread makes these tiny models ~20x faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _resized(image: np.ndarray, width: int, height: int) -> np.ndarray:

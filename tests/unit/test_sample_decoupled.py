@@ -28,13 +28,7 @@ C_POS = "a photo of sks person without t@j noisy pattern"
 C_NEG = "noisy, abstract, pattern, low quality"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine is small and shared: one intra-op thread makes these tiny models much faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

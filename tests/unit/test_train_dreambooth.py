@@ -19,12 +19,7 @@ from raypdm.train import DreamBoothTrainer, TrainConfig, cdl_prompts, dreambooth
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_parts():
