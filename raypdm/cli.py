@@ -256,6 +256,218 @@ def sample(models, output, identities, w, num_images, steps, prompts, size, work
     stage_summary_table([summary], title="sample")
 
 
+# --------------------------------------------------------------------------------------------- protect
+@cli.command()
+@click.option("--input", "input_", default=None, help="clean dataset root (fsspec URI)")
+@click.option("--output", default=None, help="output root: protected dataset + manifest.parquet")
+@click.option("--method", default=None, help="advdm, photoguard-encoder, photoguard-diffusion, glaze, "
+                                              "adaptive-codesr, fsmg, aspl, easpl, metacloak")
+@click.option("--radius", default=None, help="ℓ∞ radius, e.g. 11/255 [method default]")
+@click.option("--step", default=None, help="PGD step size, e.g. 1/255")
+@click.option("--steps", type=int, default=None, help="PGD steps")
+@click.option("--preset", type=click.Choice(["tiny", "full"]), default=None)
+@click.option("--weights-dir", default=None)
+@click.option("--workers", type=int, default=None, help="actors for per-image methods")
+@click.option("--gpus-per-worker", type=float, default=None)
+@click.option("--identities", default=None, help="comma-separated identities [all]")
+@click.option("--lpips", "lpips_backbone", type=click.Choice(["pretrained", "random"]), default=None)
+@click.option("--list", "list_methods", is_flag=True, help="list the protections and exit")
+@click.option("--no-progress", is_flag=True)
+@_config_options
+@_friendly_errors
+def protect(input_, output, method, radius, step, steps, preset, weights_dir, workers, gpus_per_worker, identities,
+            lpips_backbone, list_methods, no_progress, config_path, overrides) -> None:
+    """Craft a protection on every identity's set_A (other splits copied); resumable, with a manifest."""
+    from raypdm.pipelines.protect import ProtectJobConfig, run_protect
+    from raypdm.ui import print_table, stage_progress, stage_summary_table
+
+    if list_methods:
+        from raypdm.protect import build_protection, list_protections, protection_options_model
+        from raypdm.pipelines.protect import _is_per_identity
+
+        rows = []
+        for name in list_protections():
+            d = protection_options_model(name)()
+            rows.append((name, "per identity" if _is_per_identity(name) else "per image",
+                         f"{d.radius * 255:.0f}/255", f"{d.step * 255:.2f}/255", d.steps))
+        print_table("protections", ["method", "runs", "radius", "step", "steps"], rows)
+        return
+    pgd = {k: v for k, v in {"radius": radius, "step": step, "steps": steps}.items() if v is not None}
+    flags = {"input": input_, "output": output, "method": method, "preset": preset, "weights_dir": weights_dir,
+             "workers": workers, "gpus_per_worker": gpus_per_worker, "lpips_backbone": lpips_backbone,
+             "identities": identities.split(",") if identities else None}
+    if pgd:
+        flags["options"] = pgd  # merged into the YAML's options (flags win)
+    cfg = resolve_config(ProtectJobConfig, path=config_path, flags=flags, overrides=overrides)
+    with stage_progress(f"protect: {cfg.method}", not no_progress) as progress:
+        summaries = run_protect(cfg, progress=progress)
+    stage_summary_table(summaries, title="protect")
+    errors = sum(s.errors for s in summaries)
+    if errors:
+        click.echo(f"{errors} inputs became error rows; see {cfg.output}/manifest.parquet")
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def _labels(pairs: tuple[str, ...], what: str) -> dict[str, str] | None:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint=what)
+        out[key.strip()] = value.strip()
+    return out or None
+
+
+@cli.command()
+@click.option("--images", default=None, help="images to score: <identity>/<folder>/<image> (fsspec URI)")
+@click.option("--reference", default=None, help="clean dataset root (IMS uses each identity's set_B)")
+@click.option("--output", default=None, help="output root: manifest.parquet, summary.parquet/.md, mismatch.png")
+@click.option("--metrics", default=None, help="comma-separated: ims,q,lpips,ssim,ms_ssim,psnr,mismatch [all]")
+@click.option("--preset", type=click.Choice(["tiny", "full"]), default=None)
+@click.option("--weights-dir", default=None)
+@click.option("--identities", default=None, help="comma-separated identities [all]")
+@click.option("--setting", "settings", multiple=True, metavar="NAME=VALUE",
+              help="label every row, e.g. --setting method=codesr --setting protection=advdm")
+@click.option("--group", "groups", multiple=True, metavar="NAME=URI",
+              help="extra image set for the mismatch probe, e.g. --group protected=runs/protected")
+@click.option("--lpips", "lpips_backbone", type=click.Choice(["pretrained", "random"]), default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--gpus-per-worker", type=float, default=None)
+@click.option("--no-progress", is_flag=True)
+@_config_options
+@_friendly_errors
+def evaluate(images, reference, output, metrics, preset, weights_dir, identities, settings, groups, lpips_backbone,
+             batch_size, workers, gpus_per_worker, no_progress, config_path, overrides) -> None:
+    """Score images: identity (IMS, FDFR), quality (Q), faithfulness, latent mismatch; Parquet + tables."""
+    import pandas as pd
+
+    from raypdm.pipelines.evaluate import EvaluateConfig, run_evaluate
+    from raypdm.ui import print_table, stage_progress, stage_summary_table
+
+    cfg = resolve_config(
+        EvaluateConfig,
+        path=config_path,
+        flags={"images": images, "reference": reference, "output": output,
+               "metrics": metrics.split(",") if metrics else None, "preset": preset, "weights_dir": weights_dir,
+               "identities": identities.split(",") if identities else None,
+               "settings": _labels(settings, "--setting"), "mismatch_groups": _labels(groups, "--group"),
+               "lpips_backbone": lpips_backbone, "batch_size": batch_size, "workers": workers,
+               "gpus_per_worker": gpus_per_worker},
+        overrides=overrides,
+    )
+    with stage_progress("evaluate", not no_progress) as progress:
+        summary = run_evaluate(cfg, progress=progress)
+    stage_summary_table([summary], title="evaluate")
+    _print_frame(pd.read_parquet(_local_or_fs(cfg.output, "summary.parquet")), f"scores: {cfg.images}")
+    if summary.errors:
+        click.echo(f"{summary.errors} images became error rows; see {cfg.output}/manifest.parquet")
+
+
+def _local_or_fs(root: str, name: str):
+    """A file-like for pandas from any fsspec URI."""
+    import io
+
+    from raypdm.data.uri import join, read_bytes
+
+    return io.BytesIO(read_bytes(join(root, name)))
+
+
+def _print_frame(df, title: str, digits: int = 3) -> None:
+    from raypdm.ui import print_table
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    print_table(title, [str(c) for c in df.columns], [[fmt(v) for v in row] for row in df.itertuples(index=False)])
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+@cli.command()
+@click.option("--output", default=None, help="output root: results.parquet, best.json, sweep_scores.png")
+@click.option("--search", type=click.Choice(["grid", "random", "optuna"]), default=None)
+@click.option("--scheduler", type=click.Choice(["none", "asha"]), default=None)
+@click.option("--max-concurrent", type=int, default=None, help="trials at once [all that fit]")
+@_config_options
+@_friendly_errors
+def sweep(output, search, scheduler, max_concurrent, config_path, overrides) -> None:
+    """Noise-token × template × w search on Ray Tune (one fine-tune per token, every w from it)."""
+    import pandas as pd
+
+    from raypdm.search.sweep import SweepConfig, run_sweep
+    from raypdm.ui import console
+
+    if not config_path:
+        raise click.UsageError("sweep needs --config FILE (see jobs/configs/sweep_smoke.yaml)")
+    flags = {"output": output, "search": search, "scheduler": scheduler, "max_concurrent": max_concurrent}
+    flags.update(_synthetic_sweep_data(config_path, output, overrides))
+    cfg = resolve_config(SweepConfig, path=config_path, flags=flags, overrides=overrides)
+    out = run_sweep(cfg, log=console.print)
+    results = out["results"]
+    final = results[results["final"] == True] if len(results) else results  # noqa: E712
+    if len(final):
+        table = (final.groupby(["token", "template", "w"], dropna=False)[["ims", "q", "fdfr", "score"]]
+                 .mean().reset_index().sort_values("score", ascending=False))
+        _print_frame(table, f"sweep: mean over identities ({cfg.metric} is the score)")
+    _print_frame(out["trials"].drop(columns=["error"]), "trials")
+    if out["best"]:
+        console.print(f"best: {out['best']}")
+    console.print(f"results: {cfg.output}/results.parquet, plot: {cfg.output}/sweep_scores.png")
+
+
+def _synthetic_sweep_data(config_path: str, output: str | None, overrides) -> dict:
+    """A tiny-preset sweep config without `data`/`reference` (jobs/configs/sweep_smoke.yaml) runs on a
+    small synthetic dataset made under the output, so the smoke sweep needs nothing but the config."""
+    from raypdm.config import _deep_merge, _read_yaml, parse_overrides
+    from raypdm.data.synthetic import make_synthetic
+    from raypdm.data.uri import join
+    from raypdm.ui import console
+
+    data = _deep_merge(_read_yaml(config_path), parse_overrides(overrides) if overrides else {})
+    data.pop("smoke", None)
+    out = output or data.get("output")
+    if data.get("data") or (data.get("space") or {}).get("data") or data.get("preset", "tiny") != "tiny" or not out:
+        return {}
+    synthetic = join(out, "_smoke_data")
+    make_synthetic(synthetic, identities=2, images=2, seed=0, size=64, real_photos=True)
+    console.print(f"no data in the config: a synthetic dataset at {synthetic}")
+    return {"data": synthetic, "reference": data.get("reference") or synthetic}
+
+
+# --------------------------------------------------------------------------------------------- redteam
+@cli.command()
+@click.option("--data", default=None, help="clean dataset root (fsspec URI)")
+@click.option("--output", default=None, help="run directory (fsspec URI)")
+@click.option("--smoke", is_flag=True, help="tiny models, a synthetic identity, minutes on a CPU")
+@_config_options
+@_friendly_errors
+def redteam(data, output, smoke, config_path, overrides) -> None:
+    """The red-team matrix: protect → purify → train → sample → evaluate, Tables 1/2/4 and report.html."""
+    import argparse
+
+    from raypdm.entrypoints import load_job_config, run_job
+
+    args = argparse.Namespace(config=config_path, output=output, smoke=smoke, overrides=list(overrides))
+    job = load_job_config("redteam", args)
+    if data:
+        job["data"] = data
+    run_job("redteam", job, smoke)
+
+
+# ---------------------------------------------------------------------------------------------- report
+@cli.command()
+@click.argument("run_dir")
+@click.option("--out", default=None, help="HTML file (fsspec URI) [RUN_DIR/report.html]")
+@_friendly_errors
+def report(run_dir, out) -> None:
+    """Write RUN_DIR's self-contained HTML report (image grids, tables, plots) from its report_index.json."""
+    from raypdm.report.html import write_report
+
+    click.echo(write_report(run_dir, out))
+
+
 # ----------------------------------------------------------------------------------------------- bench
 @cli.group()
 def bench() -> None:
@@ -296,6 +508,10 @@ def _add_optional_groups() -> None:
 
 
 _add_optional_groups()
+
+from raypdm.submit import submit_command  # noqa: E402  (submit.py is self-contained: no import cycle)
+
+cli.add_command(submit_command, "submit")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from raypdm.config import JobConfig
 from raypdm.data.uri import join
-from raypdm.pipelines.purify import MODEL_PURIFIERS
+from raypdm.pipelines.purify import _chain_uses_gpu
 
 __all__ = ["PurifierBenchConfig", "run_purifier_bench", "MODEL_CHAINS"]
 
@@ -44,7 +44,13 @@ class PurifierBenchConfig(JobConfig):
     size: int = Field(512, ge=32, description="side of the synthetic input images")
     batch_size: int = Field(8, ge=1)
     workers: list[int] = Field(default_factory=lambda: [1, 2])
-    options: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"sr": {"steps": 4}})
+    # Few-step settings so the tiny CPU run finishes in minutes; full-size GPU runs pass the real ones.
+    options: dict[str, dict[str, Any]] = Field(default_factory=lambda: {
+        "sr": {"steps": 4},
+        "latent_diffpure": {"steps": 10},
+        "latent_diffpure_null": {"steps": 10},
+        "impress": {"iterations": 10, "lpips_net": "alex", "lpips_backbone": "random"},
+    })
     modes: list[Literal["per-image", "batched", "ray"]] = Field(default_factory=lambda: ["per-image", "batched", "ray"])
 
 
@@ -157,7 +163,7 @@ def run_purifier_bench(cfg: PurifierBenchConfig, *, log=print) -> "Any":
                 _warm_up_ray_workers(data, tmp)
                 layouts = ["fused", "pools"] if len(_parts(purifier)) > 1 and purifier in MODEL_CHAINS else ["fused"]
                 # Classic purifiers run as Ray tasks: a worker count does not apply, one row says it all.
-                model = any(p in MODEL_PURIFIERS for p in _parts(purifier))
+                model = _chain_uses_gpu(_parts(purifier))
                 for workers in cfg.workers if model else cfg.workers[:1]:
                     for layout in layouts:
                         row = _ray_mode(cfg, purifier, data, workers, layout, tmp)

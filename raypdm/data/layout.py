@@ -100,10 +100,12 @@ def list_images(
     *,
     identities: list[str] | None = None,
     splits: tuple[str, ...] | list[str] | None = SPLITS,
+    any_split: bool = False,
 ) -> tuple[list[ImageRef], list[str]]:
     """List every file of the layout under `root`.
 
-    Returns (refs, problems). Files whose names are unsafe or collide after normalisation are returned
+    any_split: accept every sub-folder of an identity as a "split" (generated images live under
+    `<identity>/<prompt slug>/`); `splits` is then ignored. Returns (refs, problems). Files whose names are unsafe or collide after normalisation are returned
     as refs with `error` set (they become error rows, the job goes on); folders and files that are not
     part of the layout at all are reported in `problems`.
     """
@@ -131,10 +133,14 @@ def list_images(
             split = posixpath.basename(sub["name"].rstrip("/"))
             if split.startswith("."):
                 continue
-            if sub["type"] != "directory" or split not in SPLITS:
+            if any_split:
+                if sub["type"] != "directory":
+                    problems.append(f"{ident}/{split}: a file at the split level (expected <identity>/<folder>/<image>)")
+                    continue
+            elif sub["type"] != "directory" or split not in SPLITS:
                 problems.append(f"{ident}/{split}: not a split folder (expected one of {', '.join(SPLITS)})")
                 continue
-            if split not in wanted_splits:
+            elif split not in wanted_splits:
                 continue
             for f in sorted(fs.ls(sub["name"], detail=True), key=lambda e: e["name"]):
                 name = posixpath.basename(f["name"].rstrip("/"))

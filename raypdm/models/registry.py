@@ -89,6 +89,11 @@ _BUILTIN_MODULES: dict[str, str] = {
     "sd21-base": "raypdm.models.stable_diffusion",
     "sd-x4-upscaler": "raypdm.models.upscaler",
     "codeformer": "raypdm.models.codeformer",
+    "adm256-uncond": "raypdm.models.adm",
+    "antelopev2": "raypdm.models.faces",
+    "vggface": "raypdm.models.faces",
+    "clip-vit-b32": "raypdm.models.clip",
+    "liqe": "raypdm.models.clip",
 }
 
 

@@ -161,6 +161,20 @@ class FaithfulnessColumns:
         except Exception:
             return None
 
+    def reference_scores(self, images, rows) -> list[dict[str, float]]:
+        """Faithfulness of each image to the clean image at its identity/split/name ({} where none)."""
+        from raypdm.metrics.faithfulness import MIN_SIDE
+
+        out: list[dict[str, float]] = [{} for _ in images]
+        if not self.reference:
+            return out
+        refs = [self._reference_image(row) if min(im.shape[:2]) >= MIN_SIDE else None for im, row in zip(images, rows)]
+        have = [i for i, r in enumerate(refs) if r is not None and min(r.shape[:2]) >= MIN_SIDE]
+        if have:
+            for i, s in zip(have, self.scorer.score([images[i] for i in have], [refs[i] for i in have])):
+                out[i] = s
+        return out
+
     def __call__(self, inputs, outputs, rows):
         from raypdm.metrics.faithfulness import MIN_SIDE
 
@@ -171,21 +185,17 @@ class FaithfulnessColumns:
             for i, s in zip(big, self.scorer.score([outputs[i] for i in big], [inputs[i] for i in big])):
                 cols[i].update(s)
         if self.reference:
-            refs = {i: self._reference_image(rows[i]) for i in big}
-            have = [i for i in big if refs[i] is not None and min(refs[i].shape[:2]) >= MIN_SIDE]
-            if have:
-                for i, s in zip(have, self.scorer.score([outputs[i] for i in have], [refs[i] for i in have])):
-                    cols[i].update({f"ref_{k}": v for k, v in s.items()})
+            for i, s in zip(big, self.reference_scores([outputs[i] for i in big], [rows[i] for i in big])):
+                cols[i].update({f"ref_{k}": v for k, v in s.items()})
         names = ["lpips", "ssim", "ms_ssim", "psnr"] + (["ref_lpips", "ref_ssim", "ref_ms_ssim", "ref_psnr"] if self.reference else [])
         return [{k: c.get(k, float("nan")) for k in names} for c in cols]
 
 
-# Purifiers that hold a neural network: they get actor pools (load once) and GPUs when present.
-MODEL_PURIFIERS = frozenset({"codeformer", "sr"})
-
-
 def _chain_uses_gpu(names: list[str]) -> bool:
-    return any(n in MODEL_PURIFIERS for n in names)
+    """Purifiers that hold a neural network (`uses_gpu`) get actor pools (load once) and GPUs when present."""
+    from raypdm.purify import purifier_uses_gpu
+
+    return any(purifier_uses_gpu(n) for n in names)
 
 
 def run_purify(cfg: PurifyConfig, *, progress=None) -> StageSummary:

@@ -28,7 +28,21 @@ from raypdm.data.uri import join, write_bytes
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[list[np.ndarray]], list[np.ndarray]]
+# A transform maps a batch to a batch; it may also return per-image numeric columns as
+# `(images, [{"loss_before": ..., ...}, ...])` (protections report their attack loss this way).
+Transform = Callable[[list[np.ndarray]], "list[np.ndarray] | tuple[list[np.ndarray], list[dict[str, float]]]"]
+
+
+def _split_extras(result, n: int) -> tuple[list[np.ndarray], list[dict[str, float]]]:
+    if isinstance(result, tuple) and len(result) == 2:
+        images, extras = list(result[0]), list(result[1])
+        if len(extras) != len(images):
+            raise RuntimeError(f"transform returned {len(extras)} column rows for {len(images)} images")
+    else:
+        images, extras = list(result), [{} for _ in range(n)]
+    if len(images) != n:
+        raise RuntimeError(f"transform returned {len(images)} images for {n} inputs")
+    return images, extras
 # Extra per-row columns computed from (inputs, outputs, rows), e.g. faithfulness of output vs input and
 # vs a clean reference. Runs in its own small actor pool so its model (LPIPS) also loads once.
 Scorer = Callable[[list[np.ndarray], list[np.ndarray], list[dict[str, str]]], list[dict[str, float]]]
@@ -103,20 +117,22 @@ class _TransformWorker:
         kinds = list(batch["error_kind"])
         todo = [i for i in range(n) if not batch["skipped"][i] and not errors[i]]
         outputs: list[np.ndarray] = [EMPTY_IMAGE] * n
+        extras: list[dict[str, float]] = [{} for _ in range(n)]
         seconds = [0.0] * n
         if todo:
             start = time.perf_counter()
             try:
-                results = self.transform([images[i] for i in todo])
+                results, columns = _split_extras(self.transform([images[i] for i in todo]), len(todo))
                 per_image = (time.perf_counter() - start) / len(todo)  # amortised over the batch
-                for i, out in zip(todo, results):
-                    outputs[i], seconds[i] = out, per_image
+                for i, out, cols in zip(todo, results, columns):
+                    outputs[i], extras[i], seconds[i] = out, cols, per_image
             except Exception:
                 # Find the image that broke the batch; the others still get their outputs.
                 for i in todo:
                     t0 = time.perf_counter()
                     try:
-                        outputs[i] = self.transform([images[i]])[0]
+                        one, cols = _split_extras(self.transform([images[i]]), 1)
+                        outputs[i], extras[i] = one[0], cols[0]
                     except Exception as exc:
                         errors[i], kinds[i] = f"transform failed: {type(exc).__name__}: {exc}", ERROR_RUNTIME
                     seconds[i] = time.perf_counter() - t0
@@ -130,6 +146,8 @@ class _TransformWorker:
             error_kind=object_column(kinds),
             seconds=np.asarray(prior, dtype=np.float64) + np.array(seconds, dtype=np.float64),
         )
+        for key in sorted({k for e in extras for k in e}):
+            result[key] = np.array([float(e.get(key, np.nan)) for e in extras], dtype=np.float64)
         return result
 
 

@@ -25,7 +25,7 @@ from raypdm.data.uri import exists, join, read_bytes, write_bytes
 from raypdm.train.dreambooth import TrainConfig
 from raypdm.train.prompts import CDLPrompts, cdl_prompts
 
-__all__ = ["TrainJobConfig", "IdentityOutcome", "run_train"]
+__all__ = ["TrainJobConfig", "IdentityOutcome", "run_train", "run_train_many"]
 
 DONE_FILE = "train_done.json"
 
@@ -119,15 +119,16 @@ def _already_done(output: str, chash: str) -> dict | None:
 
 def run_train(cfg: TrainJobConfig, *, log=print) -> list[IdentityOutcome]:
     """Train every chosen identity (concurrently) and return one outcome per identity."""
-    from ray import tune
+    return run_train_many([cfg], log=log)[0]
 
+
+def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
+    """(outcomes of identities already done, Tune specs of the ones to train) for one config."""
     from raypdm.config import save_resolved_config
-    from raypdm.runtime import init_ray, ray_resources
+    from raypdm.runtime import ray_resources
     from raypdm.train.distributed import IdentityTrainJob
     from raypdm.train.priors import generate_class_images
 
-    init_ray()
-    t0 = time.perf_counter()
     identities = _identities(cfg)
     prompts = cfg.prompts()
     dist = cfg.distributed_config()
@@ -141,7 +142,7 @@ def run_train(cfg: TrainJobConfig, *, log=print) -> list[IdentityOutcome]:
     log(f"class priors: {prior_cfg.count} images of {prior_cfg.prompt!r} (cached, shared by every identity)")
     class_images = generate_class_images(prior_cfg, join(cfg.output, "_class_priors"))
 
-    outcomes: list[IdentityOutcome] = []
+    done_outcomes: list[IdentityOutcome] = []
     jobs = []
     for ident in identities:
         job = IdentityTrainJob(identity=ident, data=cfg.data, output=join(cfg.output, ident), class_images=class_images,
@@ -152,41 +153,65 @@ def run_train(cfg: TrainJobConfig, *, log=print) -> list[IdentityOutcome]:
                              "class_prior": prior_cfg.model_dump(mode="json")})
         done = _already_done(job.output, chash)
         if done:
-            outcomes.append(IdentityOutcome(identity=ident, status="skipped", steps=done["steps"],
-                                            final_loss=done["final_loss"], seconds=0.0, export=done["export"], error=None))
+            done_outcomes.append(IdentityOutcome(identity=ident, status="skipped", steps=done["steps"],
+                                                 final_loss=done["final_loss"], seconds=0.0, export=done["export"],
+                                                 error=None))
             continue
         jobs.append({"job": job.model_dump(mode="json"), "config_hash": chash})
+    return done_outcomes, jobs
 
+
+def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = None,
+                   log=print) -> list[list[IdentityOutcome]]:
+    """Train the identities of several configs (e.g. the cells of a red-team matrix) in ONE Ray Tune
+    fan-out, so they all share the cluster at once; returns the outcomes per config, in order."""
+    from ray import tune
+
+    from raypdm.runtime import init_ray
+
+    init_ray()
+    t0 = time.perf_counter()
+    planned = [_plan(cfg, log) for cfg in cfgs]
+    outcomes: list[list[IdentityOutcome]] = [list(done) for done, _ in planned]
+    jobs = []
+    for k, (_, specs) in enumerate(planned):
+        jobs += [{**spec, "cell": k} for spec in specs]
     if jobs:
-        log(f"training {len(jobs)} identities ({len(outcomes)} already done), "
-            f"{dist.workers} worker(s) each, at most {cfg.max_concurrent or len(jobs)} at once")
+        limit = max_concurrent or (cfgs[0].max_concurrent if len(cfgs) == 1 else None) or len(jobs)
+        workers = int(jobs[0]["job"].get("distributed", {}).get("workers", 1))
+        log(f"training {len(jobs)} identities ({sum(len(o) for o in outcomes)} already done), "
+            f"{workers} worker(s) each, at most {limit} at once")
         tuner = tune.Tuner(
             # The trial itself only drives a TorchTrainer; its workers ask for the real resources.
             tune.with_resources(_identity_trial, {"cpu": 0.01}),
             param_space={"spec": tune.grid_search(jobs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or len(jobs)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=limit),
             run_config=tune.RunConfig(
-                storage_path=_local_storage(cfg.output),
+                storage_path=_local_storage(cfgs[0].output),
                 name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-                failure_config=tune.FailureConfig(max_failures=cfg.retries),
+                failure_config=tune.FailureConfig(max_failures=max(c.retries for c in cfgs)),
                 verbose=0,
             ),
         )
         grid = tuner.fit()
         for res in grid:
-            ident = res.config["spec"]["job"]["identity"]
+            spec = res.config["spec"]
+            ident, k = spec["job"]["identity"], spec["cell"]
             if res.error is None and res.metrics:
                 m = res.metrics
-                outcomes.append(IdentityOutcome(identity=ident, status="trained", steps=m["steps"],
-                                                final_loss=m["final_loss"], seconds=m["seconds"], export=m["export"],
-                                                error=None))
+                outcomes[k].append(IdentityOutcome(identity=ident, status="trained", steps=m["steps"],
+                                                   final_loss=m["final_loss"], seconds=m["seconds"],
+                                                   export=m["export"], error=None))
             else:
-                outcomes.append(IdentityOutcome(identity=ident, status="failed", steps=0, final_loss=float("nan"),
-                                                seconds=0.0, export=None, error=_short(res.error)))
-    outcomes.sort(key=lambda o: o["identity"])
-    _write_summary(cfg.output, outcomes)
-    log(f"train: {sum(o['status'] == 'trained' for o in outcomes)} trained, "
-        f"{sum(o['status'] == 'skipped' for o in outcomes)} skipped, {sum(o['status'] == 'failed' for o in outcomes)} "
+                outcomes[k].append(IdentityOutcome(identity=ident, status="failed", steps=0,
+                                                   final_loss=float("nan"), seconds=0.0, export=None,
+                                                   error=_short(res.error)))
+    for cfg, outs in zip(cfgs, outcomes):
+        outs.sort(key=lambda o: o["identity"])
+        _write_summary(cfg.output, outs)
+    flat = [o for outs in outcomes for o in outs]
+    log(f"train: {sum(o['status'] == 'trained' for o in flat)} trained, "
+        f"{sum(o['status'] == 'skipped' for o in flat)} skipped, {sum(o['status'] == 'failed' for o in flat)} "
         f"failed in {time.perf_counter() - t0:.1f} s")
     return outcomes
 

@@ -6,7 +6,6 @@ Importing this package registers every purifier, so ``build_purifier("codesr")``
 
 from __future__ import annotations
 
-import importlib
 
 from raypdm.purify.base import (
     BuildContext,
@@ -22,6 +21,7 @@ from raypdm.purify.base import (
     list_purifiers,
     parse_spec,
     purifier_options_model,
+    purifier_uses_gpu,
     register_alias,
     register_purifier,
 )
@@ -31,16 +31,8 @@ from raypdm.purify.gaussian import GaussianOptions, GaussianPurifier
 from raypdm.purify.jpeg import JpegOptions, JpegPurifier
 from raypdm.purify.tvm import TvmOptions, TvmPurifier
 
-# Model purifiers are written separately and may not exist yet. Only the absence of exactly these
-# modules is tolerated; an error *inside* one of them (or a missing dependency of it) still raises.
-_OPTIONAL_MODULES = ("raypdm.purify.codeformer", "raypdm.purify.sr")
-for _module in _OPTIONAL_MODULES:
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as _err:
-        if _err.name != _module:
-            raise
-del _module
+# Model purifiers (each registers itself on import).
+from raypdm.purify import codeformer, ddspure, gridpure, impress, latent_diffpure, pixel_diffpure, sr  # noqa: E402,F401
 
 __all__ = [
     "BuildContext",
@@ -62,6 +54,7 @@ __all__ = [
     "list_purifiers",
     "parse_spec",
     "purifier_options_model",
+    "purifier_uses_gpu",
     "register_alias",
     "register_purifier",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "list_purifiers",
     "parse_spec",
     "purifier_options_model",
+    "purifier_uses_gpu",
     "register_alias",
     "register_purifier",
 ]
@@ -220,6 +221,13 @@ def purifier_options_model(name: str) -> type[BaseModel]:
     return _REGISTRY[name].options_model
 
 
+def purifier_uses_gpu(name: str) -> bool:
+    """Whether a registered purifier holds a model (class attribute `uses_gpu`): such purifiers run in
+    actor pools that load once per actor and take GPUs when the cluster has them."""
+    _check_known(name)
+    return bool(getattr(_REGISTRY[name].factory, "uses_gpu", False))
+
+
 def _check_known(name: str) -> None:
     if name not in _REGISTRY:
         aliases = ", ".join(f"{a} (= {s})" for a, s in sorted(_ALIASES.items()))
@@ -233,7 +241,8 @@ def parse_spec(spec: str) -> list[str]:
     """``"codesr + jpeg"`` -> ``["codeformer", "sr", "jpeg"]``: split on '+', strip, expand aliases."""
     names: list[str] = []
     for raw in spec.split("+"):
-        name = raw.strip().lower()
+        # "pixel-diffpure" and "pixel_diffpure" name the same purifier (registry names use underscores).
+        name = raw.strip().lower().replace("-", "_")
         if not name:
             raise ValueError(f"empty purifier name in spec {spec!r}")
         if name in _ALIASES:
@@ -259,7 +268,7 @@ def build_purifier(
     purifier; longer specs return a :class:`ChainPurifier`.
     """
     names = parse_spec(spec)
-    options = dict(options or {})
+    options = {k.strip().lower().replace("-", "_"): v for k, v in (options or {}).items()}
     stray = sorted(set(options) - set(names))
     if stray:
         raise ValueError(f"options given for {stray}, which are not in the chain {names} (from {spec!r})")

@@ -1,0 +1,316 @@
+"""The protection stage: craft a protective perturbation on every identity's set_A, copy the other splits.
+
+Per-image methods (advdm, photoguard_*, glaze, adaptive_codesr) run as a resumable image stage: an actor
+pool loads the fixed models once per actor (a GPU each when the cluster has GPUs). Per-identity methods
+(fsmg, aspl, easpl, metacloak) train a surrogate on the identity's clean set_B, so one Ray task per
+identity holds its images and its surrogate (a whole GPU on a GPU cluster); many identities run at once.
+
+Every protected image gets a manifest row with the measured ℓ∞ and ℓ2 norms of the *saved* perturbation
+(uint8 PNG minus clean input, in [0, 1] pixel units), LPIPS to the clean image, the attack loss before and
+after, and seconds. The other splits are copied through unchanged (as PNG) so the output is a complete
+dataset for the purify and train stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from raypdm.config import JobConfig, config_hash
+from raypdm.data.layout import SPLITS, ImageRef, validate_component
+from raypdm.pipelines.stage import ImageStage, StageSummary, run_image_stage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProtectJobConfig", "run_protect", "protection_options"]
+
+
+class ProtectJobConfig(JobConfig):
+    input: str = Field(description="clean dataset root (fsspec URI): <identity>/set_A|set_B|set_C/<image>")
+    output: str = Field(description="output root: the protected dataset + manifest.parquet")
+    method: str = Field("advdm", description="protection name (raypdm protect --list)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options (radius, step, steps, ...)")
+    preset: Literal["tiny", "full"] = "tiny"
+    weights_dir: str | None = None
+    identities: list[str] | None = None
+    protect_split: str = Field("set_A", description="the split that gets protected (trained on downstream)")
+    copy_splits: bool = Field(True, description="copy the other splits through unchanged")
+    batch_size: int = Field(4, ge=1, le=1024)
+    workers: int = Field(1, ge=1, le=10_000, description="actors for per-image methods")
+    gpus_per_worker: float = Field(1.0, ge=0, le=8)
+    cpus_per_identity: float = Field(0.5, gt=0, description="CPU share of a per-identity task on CPU-only clusters")
+    max_concurrent: int | None = Field(None, ge=1, description="identities protected at once [all that fit]")
+    lpips_backbone: Literal["pretrained", "random"] = "pretrained"
+
+    @field_validator("identities")
+    @classmethod
+    def _safe_identities(cls, v: list[str] | None) -> list[str] | None:
+        for ident in v or []:
+            validate_component(ident, "identity")
+        return v
+
+    @field_validator("protect_split")
+    @classmethod
+    def _known_split(cls, v: str) -> str:
+        if v not in SPLITS:
+            raise ValueError(f"protect_split must be one of {list(SPLITS)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_method(self) -> ProtectJobConfig:
+        # Unknown methods and bad options fail here, in the driver, naming the culprit.
+        protection_options(self.method, self.options)
+        return self
+
+
+def protection_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The method's validated options as plain JSON (defaults filled in): what the stage key hashes."""
+    from raypdm.protect import list_protections, protection_options_model
+
+    name = method.strip().lower().replace("-", "_")
+    if name not in list_protections():
+        raise ValueError(f"unknown protection {method!r}; known: {', '.join(list_protections())}")
+    return protection_options_model(name).model_validate(options).model_dump(mode="json")
+
+
+def _is_per_identity(method: str) -> bool:
+    from raypdm.protect.base import is_per_identity
+
+    return is_per_identity(method)
+
+
+# -------------------------------------------------------------------------------------- measurements
+
+
+class _Measure:
+    """ℓ∞ / ℓ2 of the saved perturbation and LPIPS to the clean image (loaded once per actor)."""
+
+    def __init__(self, lpips_pretrained: bool):
+        from raypdm.metrics.faithfulness import load_lpips
+
+        self.lpips = load_lpips("cpu", pretrained_backbone=lpips_pretrained)
+
+    def __call__(self, clean: list[np.ndarray], protected: list[np.ndarray], rows=None) -> list[dict[str, float]]:
+        import torch
+
+        from raypdm.protect.pgd import perturbation_norms
+
+        out = []
+        for x, y in zip(clean, protected):
+            linf, l2 = perturbation_norms(y, x)
+            cols = {"linf": linf, "l2": l2, "lpips": float("nan")}
+            if min(x.shape[:2]) >= 32 and x.shape == y.shape:  # LPIPS-Alex needs 31 px to reach its last layer
+                with torch.no_grad():
+                    a = torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1
+                    b = torch.from_numpy(y).permute(2, 0, 1)[None].float() / 127.5 - 1
+                    cols["lpips"] = float(self.lpips(a, b).flatten()[0])
+            out.append(cols)
+        return out
+
+
+def _image_transform(method: str, options: dict, preset: str, weights_dir: str | None):
+    from raypdm.protect import build_protection
+
+    protection = build_protection(method, options=options, preset=preset, weights_dir=weights_dir)
+
+    def transform(images: list[np.ndarray]):
+        results = protection.protect(images)
+        return ([r.image for r in results],
+                [{"loss_before": float(r.loss_before), "loss_after": float(r.loss_after)} for r in results])
+
+    return transform
+
+
+def _copy_transform():
+    return lambda images: list(images)
+
+
+# ----------------------------------------------------------------------------------- per-identity task
+
+
+def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identity: str, refs: list[ImageRef],
+                      clean_uris: list[str], chash: str, threads: int | None) -> list[dict[str, Any]]:
+    """One identity: decode its images (bad ones become error rows), protect, write PNGs, measure."""
+    import torch
+
+    from raypdm.data.decode import decode_image, encode_png, sha256_hex
+    from raypdm.data.layout import output_uri
+    from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME
+    from raypdm.data.uri import read_bytes, write_bytes
+    from raypdm.protect import build_protection
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    good: list[tuple[ImageRef, str, np.ndarray]] = []
+    for ref in refs:
+        row = {"identity": ref.identity, "split": ref.split, "name": ref.name, "src_uri": ref.src_uri,
+               "stage": method, "config_hash": chash}
+        try:
+            data = read_bytes(ref.src_uri)
+        except Exception as exc:
+            rows.append({**row, "error": f"cannot read file: {type(exc).__name__}: {exc}", "error_kind": ERROR_RUNTIME})
+            continue
+        row["input_sha256"] = sha256_hex(data)
+        if ref.error:
+            rows.append({**row, "error": ref.error, "error_kind": ERROR_INPUT})
+            continue
+        try:
+            good.append((ref, row["input_sha256"], decode_image(data)))
+        except Exception as exc:
+            rows.append({**row, "error": str(exc), "error_kind": ERROR_INPUT})
+    clean = []
+    for uri in clean_uris:
+        try:
+            clean.append(decode_image(read_bytes(uri)))
+        except Exception as exc:  # a bad reference image only shrinks the surrogate's training set
+            log.warning("%s: clean reference %s skipped: %s", identity, uri, exc)
+    if not good:
+        return rows
+    try:
+        protection = build_protection(method, options=options, preset=cfg.preset, weights_dir=cfg.weights_dir)
+        results = protection.protect_identity([im for _, _, im in good], clean, identity)
+    except Exception as exc:  # the whole identity failed for a passing reason: retried on a re-run
+        msg = f"protection failed: {type(exc).__name__}: {exc}"
+        return rows + [{"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri,
+                        "input_sha256": sha, "stage": method, "config_hash": chash, "error": msg,
+                        "error_kind": ERROR_RUNTIME} for r, sha, _ in good]
+    per_image = (time.perf_counter() - t0) / len(good)
+    finished = time.time()
+    started = finished - (time.perf_counter() - t0)
+    measure = _Measure(cfg.lpips_backbone == "pretrained")
+    for (ref, sha, image), result in zip(good, results):
+        row = {"identity": ref.identity, "split": ref.split, "name": ref.name, "src_uri": ref.src_uri,
+               "input_sha256": sha, "stage": method, "config_hash": chash, "seconds": per_image,
+               "loss_before": float(result.loss_before), "loss_after": float(result.loss_after),
+               # wall-clock span of the identity's task: shows identities ran side by side
+               "started_at": started, "finished_at": finished}
+        try:
+            data = encode_png(result.image)
+            target = output_uri(cfg.output, ref)
+            write_bytes(target, data)
+            row.update(uri=target, output_sha256=sha256_hex(data), **measure([image], [result.image])[0])
+        except Exception as exc:
+            row.update(error=f"cannot write output: {type(exc).__name__}: {exc}", error_kind=ERROR_RUNTIME)
+        rows.append(row)
+    return rows
+
+
+def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: list[ImageRef], chash: str,
+                      progress=None) -> StageSummary:
+    import pyarrow as pa
+    import ray
+
+    from raypdm.data.layout import list_images
+    from raypdm.data.manifest import Manifest, row_key
+    from raypdm.data.uri import read_bytes
+    from raypdm.data.decode import sha256_hex
+
+    t0 = time.perf_counter()
+    summary = StageSummary(stage=method, output=cfg.output, total=len(refs))
+    manifest = Manifest(cfg.output)
+    done = manifest.done_keys()
+    by_identity: dict[str, list[ImageRef]] = {}
+    for ref in refs:
+        by_identity.setdefault(ref.identity, []).append(ref)
+    todo: dict[str, list[ImageRef]] = {}
+    for ident, members in by_identity.items():
+        # An identity is redone as a whole (its surrogate sees all its images) unless every row is done.
+        keys = []
+        for ref in members:
+            try:
+                keys.append(row_key(ref.identity, ref.split, ref.name, sha256_hex(read_bytes(ref.src_uri)), chash))
+            except Exception:
+                keys.append(None)
+        if all(k is not None and k in done for k in keys):
+            summary.skipped += len(members)
+        else:
+            todo[ident] = members
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1} if has_gpus else {"num_cpus": cfg.cpus_per_identity}
+    threads = None
+    if not has_gpus:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        threads = max(1, int(cpus // max(1, min(len(todo), int(cpus / cfg.cpus_per_identity) or 1))))
+    task = ray.remote(_protect_identity).options(**resources, max_retries=1)
+    limit = cfg.max_concurrent or len(todo) or 1
+    pending: dict[Any, str] = {}
+    queue = list(todo.items())
+    finished = 0
+    while queue or pending:
+        while queue and len(pending) < limit:
+            ident, members = queue.pop(0)
+            clean_refs, _ = list_images(cfg.input, identities=[ident], splits=("set_B",))
+            clean = [r.src_uri for r in clean_refs if r.error is None]
+            pending[task.remote(cfg, method, options, ident, members, clean, chash, threads)] = ident
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ident = pending.pop(ready[0])
+        try:
+            rows = ray.get(ready[0])
+        except Exception as exc:  # the task itself died (OOM, node lost) after its retry
+            from raypdm.data.manifest import ERROR_RUNTIME
+
+            rows = [{"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "stage": method,
+                     "config_hash": chash, "error": f"task failed: {type(exc).__name__}: {exc}",
+                     "error_kind": ERROR_RUNTIME} for r in todo[ident]]
+        if rows:
+            manifest.append(pa.Table.from_pylist(rows))
+        errors = sum(1 for r in rows if r.get("error"))
+        summary.errors += errors
+        summary.processed += len(rows) - errors
+        finished += len(todo[ident])
+        if progress:
+            progress(finished, sum(len(m) for m in todo.values()))
+    manifest.compact()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+def run_protect(cfg: ProtectJobConfig, *, progress=None) -> list[StageSummary]:
+    """Protect set_A (resumable), copy the other splits; returns one summary per step."""
+    from raypdm.config import save_resolved_config
+    from raypdm.data.layout import list_images
+    from raypdm.runtime import init_ray
+
+    init_ray()
+    method = cfg.method.strip().lower().replace("-", "_")
+    options = protection_options(method, cfg.options)
+    stage_config = {"stage": "protect", "method": method, "options": options, "preset": cfg.preset,
+                    "weights_dir": cfg.weights_dir, "lpips": cfg.lpips_backbone}
+    chash = config_hash(stage_config)
+    refs, problems = list_images(cfg.input, identities=cfg.identities, splits=(cfg.protect_split,))
+    if cfg.lpips_backbone == "pretrained":
+        from raypdm.pipelines.purify import _require_lpips_weights
+
+        _require_lpips_weights()
+    summaries = []
+    if _is_per_identity(method):
+        summaries.append(_run_per_identity(cfg, method, options, refs, chash, progress))
+    else:
+        stage = ImageStage(
+            name=method, config=stage_config, config_hash=chash,
+            make_transform=functools.partial(_image_transform, method, options, cfg.preset, cfg.weights_dir),
+            make_scorer=functools.partial(_Measure, cfg.lpips_backbone == "pretrained"),
+            uses_model=True, uses_gpu=True, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
+            batch_size=cfg.batch_size,
+        )
+        summaries.append(run_image_stage(stage, cfg.input, cfg.output, refs=refs, progress=progress))
+    summaries[0].problems = problems
+    if cfg.copy_splits:
+        others = tuple(s for s in SPLITS if s != cfg.protect_split)
+        copy_refs, _ = list_images(cfg.input, identities=cfg.identities, splits=others)
+        copy_cfg = {"stage": "copy"}
+        copy = ImageStage(name="copy", config=copy_cfg, config_hash=config_hash(copy_cfg),
+                          make_transform=_copy_transform, batch_size=16)
+        summaries.append(run_image_stage(copy, cfg.input, cfg.output, refs=copy_refs))
+    save_resolved_config(cfg, cfg.output)
+    return summaries

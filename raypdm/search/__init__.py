@@ -1,0 +1,1 @@
+"""Noise-token and guidance search on Ray Tune (`raypdm sweep`)."""
