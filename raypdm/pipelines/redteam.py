@@ -275,7 +275,9 @@ def _tables(cfg: RedteamConfig, results, purified: dict[tuple[str, str], str]) -
     ok = results[results["error"].isna()] if len(results) else results
     if len(ok):
         methods = sorted(ok["method"].unique())
-        baseline = cfg.baseline or next((m for m in methods if m.endswith("vanilla")), methods[0])
+        # Default baseline: no purification and vanilla DreamBooth (what a protection is meant to stop).
+        baseline = cfg.baseline or ("none + vanilla" if "none + vanilla" in methods else
+                                    next((m for m in methods if m.endswith("vanilla")), methods[0]))
         out["table1"] = write_table(table1(ok, method_col="method", protection_col="protection",
                                            baseline_method=baseline), join(cfg.output, "tables", "table1"))
         abl = ok.copy()
