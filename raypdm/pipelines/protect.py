@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -134,9 +135,13 @@ def _copy_transform():
 
 
 def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identity: str, refs: list[ImageRef],
-                      clean_uris: list[str], chash: str, threads: int | None) -> list[dict[str, Any]]:
+                      clean_uris: list[str], chash: str, threads: int | None,
+                      on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """One identity: decode its images (bad ones become error rows), protect, write PNGs, measure."""
     import torch
+
+    if on_start is not None:
+        on_start(identity)
 
     from raypdm.data.decode import decode_image, encode_png, sha256_hex
     from raypdm.data.layout import output_uri
@@ -203,7 +208,7 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
 
 
 def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: list[ImageRef], chash: str,
-                      progress=None) -> StageSummary:
+                      progress=None, on_identity_start: Callable[[str], None] | None = None) -> StageSummary:
     import pyarrow as pa
     import ray
 
@@ -248,7 +253,7 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
             ident, members = queue.pop(0)
             clean_refs, _ = list_images(cfg.input, identities=[ident], splits=("set_B",))
             clean = [r.src_uri for r in clean_refs if r.error is None]
-            pending[task.remote(cfg, method, options, ident, members, clean, chash, threads)] = ident
+            pending[task.remote(cfg, method, options, ident, members, clean, chash, threads, on_identity_start)] = ident
         ready, _ = ray.wait(list(pending), num_returns=1)
         ident = pending.pop(ready[0])
         try:
@@ -275,8 +280,12 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
 # -------------------------------------------------------------------------------------------- driver
 
 
-def run_protect(cfg: ProtectJobConfig, *, progress=None) -> list[StageSummary]:
-    """Protect set_A (resumable), copy the other splits; returns one summary per step."""
+def run_protect(cfg: ProtectJobConfig, *, progress=None,
+                on_identity_start: Callable[[str], None] | None = None) -> list[StageSummary]:
+    """Protect set_A (resumable), copy the other splits; returns one summary per step.
+
+    `on_identity_start(identity)` runs inside each per-identity task as it starts, on the worker (it is
+    shipped with the task): a hook for monitoring, and for tests that must prove identities run at once."""
     from raypdm.config import save_resolved_config
     from raypdm.data.layout import list_images
     from raypdm.runtime import init_ray
@@ -294,7 +303,7 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None) -> list[StageSummary]:
         _require_lpips_weights()
     summaries = []
     if _is_per_identity(method):
-        summaries.append(_run_per_identity(cfg, method, options, refs, chash, progress))
+        summaries.append(_run_per_identity(cfg, method, options, refs, chash, progress, on_identity_start))
     else:
         stage = ImageStage(
             name=method, config=stage_config, config_hash=chash,

@@ -43,20 +43,52 @@ def test_advdm_stage_bound_copy_and_resume(ray_local, dataset, tmp_path):
     assert again[0].processed == 0 and again[0].skipped == 4 and again[1].processed == 0
 
 
+def _barrier(ray, parties: int):
+    """An async actor that lets callers through once `parties` distinct names have arrived. Defined inside
+    a function so Ray ships the class by value (workers cannot import this test module)."""
+    import asyncio
+    import time
+
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        def __init__(self):
+            self.names: set[str] = set()
+
+        async def arrive(self, name: str, timeout: float) -> bool:
+            self.names.add(name)
+            deadline = time.monotonic() + timeout
+            while len(self.names) < parties and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return len(self.names) >= parties
+
+        def arrived(self) -> list[str]:
+            return sorted(self.names)
+
+    return Barrier.remote()
+
+
 def test_per_identity_method_isolated_and_concurrent(ray_local, dataset, tmp_path):
     opts = {"steps": 2, "finetune_steps": 1, "resolution": 64, "num_class_images": 2, "class_prior_steps": 2,
             "gradient_checkpointing": False, "eval_timesteps": 2}
     both = ProtectJobConfig(input=str(dataset), output=str(tmp_path / "both"), method="fsmg", options=opts,
                             lpips_backbone="random", copy_splits=False, cpus_per_identity=0.5)
-    [summary] = run_protect(both)
-    assert summary.processed == 4 and summary.errors == 0
+    # Concurrency is proven with a barrier, not with wall-clock spans (worker start-up on a loaded 2-core
+    # machine can take longer than a tiny identity's whole task): each identity's task waits inside until
+    # the other one has started too, so the run only succeeds if both tasks were running at once.
+    barrier = _barrier(ray_local, parties=2)
+
+    def wait_for_the_other(identity):
+        if not ray_local.get(barrier.arrive.remote(identity, 300.0)):
+            raise RuntimeError(f"{identity} ran alone: the other identity's task never started beside it")
+
+    [summary] = run_protect(both, on_identity_start=wait_for_the_other)
     rows = Manifest(str(tmp_path / "both")).read().to_pandas()
-    spans = {i: (g["started_at"].min(), g["finished_at"].max()) for i, g in rows.groupby("identity")}
-    (s0, e0), (s1, e1) = spans.values()
-    assert s0 < e1 and s1 < e0, f"identities did not overlap: {spans}"
+    assert summary.errors == 0, rows["error"].dropna().tolist()
+    assert summary.processed == 4
+    assert sorted(ray_local.get(barrier.arrived.remote())) == ["id000", "id001"]
     assert (rows["linf"] <= R + 1e-9).all()
     # the first identity alone gives bit-identical outputs: nothing leaks between identities
-    first = sorted(spans)[0]
+    first = sorted(set(rows["identity"]))[0]
     alone = ProtectJobConfig(input=str(dataset), output=str(tmp_path / "alone"), method="fsmg", options=opts,
                              lpips_backbone="random", copy_splits=False, identities=[first])
     run_protect(alone)
