@@ -404,7 +404,13 @@ def sweep(output, search, scheduler, max_concurrent, config_path, overrides) -> 
     flags = {"output": output, "search": search, "scheduler": scheduler, "max_concurrent": max_concurrent}
     flags.update(_synthetic_sweep_data(config_path, output, overrides))
     cfg = resolve_config(SweepConfig, path=config_path, flags=flags, overrides=overrides)
-    out = run_sweep(cfg, log=console.print)
+    print_sweep(cfg, run_sweep(cfg, log=console.print))
+
+
+def print_sweep(cfg, out: dict) -> None:
+    """The sweep's terminal tables: mean score per (token, template, w), the trials, the best setting."""
+    from raypdm.ui import console
+
     results = out["results"]
     final = results[results["final"] == True] if len(results) else results  # noqa: E712
     if len(final):

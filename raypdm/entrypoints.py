@@ -122,8 +122,11 @@ def run_job(job: str, data: dict[str, Any], smoke: bool) -> Any:
             clean = _smoke_data(output)
             data["data"] = clean
             data["reference"] = data.get("reference") or clean
-        result = run_sweep(_validate(SweepConfig, data), log=console.print)
-        console.print(f"best: {result['best']}")
+        from raypdm.cli import print_sweep
+
+        cfg = _validate(SweepConfig, data)
+        result = run_sweep(cfg, log=console.print)
+        print_sweep(cfg, result)
         return result
     if job == "bench":
         from raypdm.bench.purifiers import PurifierBenchConfig, markdown_table, run_purifier_bench

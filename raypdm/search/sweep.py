@@ -119,7 +119,7 @@ def _trainable(config: dict[str, Any], sweep: SweepConfig, class_images: str) ->
 
     from raypdm.search.trial import run_trial
 
-    run_trial(config, sweep, class_images, tune.report)
+    run_trial(config, sweep, class_images, tune.report, trial_id=tune.get_context().get_trial_id())
 
 
 def _tokenizer(cfg: SweepConfig):
@@ -228,7 +228,9 @@ def _trial_table(grid, reports_per_trial: int):
     for res in grid:
         cfg = res.config or {}
         m = res.metrics or {}
-        key = trial_key(cfg) if all(k in cfg for k in ("token", "template", "data")) else ""
+        # A trial that reported carries its key; one that failed before its first report wrote no rows,
+        # so its point in the space is enough to label its error row.
+        key = m.get("trial") or (trial_key(cfg) if all(k in cfg for k in ("token", "template", "data")) else "")
         status = "error" if res.error is not None else ("done" if m.get("final") else "stopped")
         rows.append({"trial": key, "token": cfg.get("token"), "template": cfg.get("template"), "data": cfg.get("data"),
                      "status": status, "score": m.get("score", math.nan), "best_w": m.get("best_w", math.nan),

@@ -30,9 +30,12 @@ ROW_COLUMNS = ("trial", "token", "template", "data", "identity", "w", "negative_
                "images", "seconds")
 
 
-def trial_key(config: dict[str, Any]) -> str:
-    """The trial's identity across restarts: its point in the search space."""
-    return config_hash({k: config[k] for k in ("token", "template", "data")}, length=12)
+def trial_key(config: dict[str, Any], trial_id: str | None = None) -> str:
+    """The trial's identity across restarts: its point in the search space plus Tune's trial id. The id
+    keeps apart two trials that draw the same point (Optuna repeats, `num_samples > 1`), whose parts would
+    otherwise land in one folder; Tune keeps a trial's id across failures and `Tuner.restore`."""
+    point = config_hash({k: config[k] for k in ("token", "template", "data")}, length=12)
+    return f"{point}-{trial_id}" if trial_id else point
 
 
 def score_images(images: list[np.ndarray], identity_scorer, quality_scorer, reference: dict) -> dict[str, float]:
@@ -86,9 +89,10 @@ def _instance_images(data_uri: str, identity: str) -> list[np.ndarray]:
     return images
 
 
-def run_trial(config: dict[str, Any], sweep, class_images: str, report) -> dict[str, Any]:
+def run_trial(config: dict[str, Any], sweep, class_images: str, report, trial_id: str | None = None) -> dict[str, Any]:
     """Run one trial. `sweep` is the SweepConfig; `report(metrics)` is `ray.tune.report` (or a stub in
-    tests). Returns the final metrics (also reported)."""
+    tests); `trial_id` is Tune's. Returns the final metrics (also reported); every report carries the
+    trial's key (`trial`), which ties the trial's Parquet parts to its Tune result."""
     import torch
 
     from raypdm import models
@@ -103,7 +107,7 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report) -> dict[
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    key = trial_key(config)
+    key = trial_key(config, trial_id)
     token, template, data_name = config["token"], config["template"], config["data"]
     data_uri = sweep.data_uris()[data_name]
     prompts = cdl_prompts(sweep.prompt_preset, token=token, instance_suffix=" " + template.strip(),
@@ -161,7 +165,8 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report) -> dict[
                                                      "seconds": time.perf_counter() - t0}])
                 seq += 1
                 reports += 1
-                report({"score": score, "steps_trained": steps_trained, "identity": identity, "final": False})
+                report({"score": score, "steps_trained": steps_trained, "identity": identity, "final": False,
+                        "trial": key})
         # Trained once: every sampling setting from this model.
         rows = []
         for w in ws:
@@ -182,6 +187,6 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report) -> dict[
     means = {k: float(np.nanmean(v)) for k, v in per_setting.items()}
     (best_w, best_neg), best = max(means.items(), key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1])
     final = {"score": best, "best_w": best_w, "best_negative": best_neg, "steps_trained": steps_trained,
-             "final": True, "seconds": time.perf_counter() - t0}
+             "final": True, "seconds": time.perf_counter() - t0, "trial": key}
     report(final)
     return final

@@ -57,3 +57,31 @@ def test_sweep_rows_failures_and_resume(ray_local, datasets, tmp_path):
     again = run_sweep(cfg, log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in parts} == parts  # finished trials were not run again
     assert len(again["trials"]) == 4 and set(again["trials"][again["trials"]["data"] == "good"]["status"]) == {"done"}
+
+
+def test_optuna_with_asha_keeps_repeated_points_apart(ray_local, datasets, tmp_path):
+    """Optuna (TPE) proposing 3 trials over 2 tokens must repeat a point: each trial keeps its own rows.
+    ASHA sees every probe report; a trial it stops is marked stopped early and is not a best candidate."""
+    good, _ = datasets
+    cfg = SweepConfig(
+        output=str(tmp_path / "sweep"), data=str(good), reference=str(good), preset="tiny",
+        space={"tokens": ["t@j", "bhi"], "w": [3.0]}, search="optuna", num_samples=3, scheduler="asha",
+        asha={"grace_period": 1, "reduction_factor": 2},
+        train={"steps": 2, "resolution": 64, "gradient_checkpointing": False}, report_every=1, probe_images=1,
+        sampling={"num_images": 1, "steps": 2, "size": 64, "batch_size": 1},
+        class_prior={"count": 2, "steps": 2, "resolution": 64}, max_concurrent=1, max_failures=0,
+    )
+    out = run_sweep(cfg, log=lambda m: None)
+    trials, results = out["trials"], out["results"]
+    assert len(trials) == 3 and trials["trial"].is_unique
+    assert trials["token"].duplicated().any()  # the pigeonhole: some point was drawn twice
+    assert set(trials["status"]) <= {"done", "stopped"} and (trials["status"] == "done").any()
+    for trial in trials.itertuples():
+        rows = results[results["trial"] == trial.trial]
+        assert len(rows) and set(rows["token"]) == {trial.token}
+        # a probe report per trial; a trial that finished has its final row
+        assert (rows["final"] == False).sum() == 1  # noqa: E712
+        if trial.status == "done":
+            assert (rows["final"] == True).sum() == 1  # noqa: E712
+        assert set(rows["stopped_early"]) == {trial.status == "stopped"}
+    assert out["best"]["token"] in set(trials[trials["status"] == "done"]["token"])

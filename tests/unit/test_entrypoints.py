@@ -46,6 +46,19 @@ def test_configs_validate_in_both_modes(job, tmp_path):
         _validate(classes[job], data)
 
 
+def test_sweep_smoke_config_validates_with_synthetic_data(tmp_path):
+    from raypdm.entrypoints import _validate
+    from raypdm.search.sweep import SweepConfig
+
+    args = argparse.Namespace(config=str(ROOT / "jobs" / "configs" / "sweep_smoke.yaml"), output=str(tmp_path),
+                              smoke=True, overrides=[])
+    data = load_job_config("sweep", args)
+    assert "data" not in data and "reference" not in data  # the smoke run makes them
+    cfg = _validate(SweepConfig, {**data, "data": "x", "reference": "x"})
+    assert cfg.preset == "tiny" and cfg.space.tokens == ["t@j", "bhi"] and cfg.space.w_values() == [3.0, 7.5]
+    assert cfg.train.steps <= 4 and cfg.search == "grid"
+
+
 def test_redteam_smoke_yaml_matches_the_code():
     from raypdm.pipelines.redteam import smoke_overrides
 

@@ -53,6 +53,11 @@ def test_objective_and_trial_key():
     assert math.isnan(objective({"q": 0.1}, "ims"))
     k = trial_key({"token": "t@j", "template": "with {token} noisy pattern", "data": "default", "extra": 1})
     assert k == trial_key({"token": "t@j", "template": "with {token} noisy pattern", "data": "default"})
+    # two trials that draw the same point keep apart; one trial keeps its key across restarts
+    point = {"token": "t@j", "template": "with {token} noisy pattern", "data": "default"}
+    assert trial_key(point, "abc_00000") != trial_key(point, "abc_00001")
+    assert trial_key(point, "abc_00000") == trial_key(dict(point), "abc_00000")
+    assert trial_key(point, "abc_00000").startswith(k)
 
 
 def _row(trial, token, identity, w, score, final=True, step=2):
