@@ -7,8 +7,9 @@
 In-process, one model load per method (what one actor of `raypdm protect` does): per-image methods protect
 --images images of --size px in batches of --batch-size; bi-level methods protect one identity of
 --images images with --images clean references. Model loading is timed separately from crafting. Step
-counts are the methods' defaults unless --steps is given (the tiny CPU run uses few steps: its figures
-are plumbing speed, not the full attacks' cost). Writes protect_throughput.parquet and prints a Markdown
+counts are the methods' defaults unless --steps / --outer / --surrogate-steps / --class-images are given
+(the tiny CPU defaults use few of each: their figures are plumbing speed, not the full attacks' cost; pass
+0 for a method's own default). Writes protect_throughput.parquet and prints a Markdown
 table.
 """
 
@@ -32,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=2, help="PGD steps (0: the method's default)")
     p.add_argument("--outer", type=int, default=1, help="outer rounds of bi-level methods (0: default)")
+    p.add_argument("--surrogate-steps", type=int, default=4,
+                   help="surrogate training steps of bi-level methods: fsmg's finetune_steps, metacloak's "
+                        "pool_train_steps (0: the defaults, 1000)")
+    p.add_argument("--class-images", type=int, default=4,
+                   help="class-prior images the bi-level surrogates generate (0: the default, 200)")
+    p.add_argument("--class-prior-steps", type=int, default=2, help="their sampling steps (0: the default, 50)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -54,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("outer_iterations", "rounds", "iterations"):
                 if name in fields:
                     opts[name] = args.outer
+        if "resolution" in fields:  # surrogates train and attack at the benchmark's image size
+            opts["resolution"] = args.size
+        if args.surrogate_steps:
+            for name in ("finetune_steps", "pool_train_steps"):
+                if name in fields:
+                    opts[name] = args.surrogate_steps
+            if "pool_interval" in fields:
+                opts["pool_interval"] = max(1, args.surrogate_steps // 2)
+        if args.class_images and "num_class_images" in fields:
+            opts["num_class_images"] = args.class_images
+        if args.class_prior_steps and "class_prior_steps" in fields:
+            opts["class_prior_steps"] = args.class_prior_steps
         t0 = time.perf_counter()
         protection = build_protection(method, options=opts, device=device, preset=args.preset,
                                       weights_dir=args.weights_dir)
