@@ -35,6 +35,7 @@ from raypdm.data.uri import write_bytes
 from raypdm.metrics.stats import IDENTITY, format_mean_std, setting_summary, wilcoxon_vs_baseline
 
 __all__ = [
+    "best_baseline",
     "METRIC_DIGITS",
     "METRIC_LABELS",
     "MISSING",
@@ -79,6 +80,28 @@ def _with_units(df: pd.DataFrame) -> pd.DataFrame:
     if IDENTITY in df.columns:
         return df
     return df.assign(**{IDENTITY: np.arange(len(df))})
+
+
+def best_baseline(
+    df: pd.DataFrame,
+    ours: Sequence[str],
+    method_col: str = "method",
+    metric: str = "ims",
+) -> str | None:
+    """The strongest competitor of `ours`: the method, other than ours, with the highest mean `metric`
+    over identities and protections (identities first averaged per (method, protection), as Table 1
+    does). The paper tests its method against the best baseline, not against doing nothing: beating
+    "no defence" says little. None when no other method was scored."""
+    scored = _scored(_with_units(df))
+    others = scored[~scored[method_col].isin(list(ours))]
+    others = others[others[metric].notna()] if metric in others.columns else others.iloc[0:0]
+    if not len(others):
+        return None
+    per_identity = others.groupby([method_col, IDENTITY] + [c for c in ("protection",) if c in others.columns],
+                                  dropna=False)[metric].mean()
+    means = per_identity.groupby(level=method_col).mean()
+    # ties break by name, so the choice does not depend on row order
+    return str(sorted(means.items(), key=lambda kv: (-kv[1], str(kv[0])))[0][0])
 
 
 def table1(

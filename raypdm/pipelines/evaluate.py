@@ -165,11 +165,15 @@ def _prepare(cfg: EvaluateConfig, identities: list[str]) -> dict[str, Any]:
     device = _device()
     out: dict[str, Any] = {"reference": {}, "reference_counts": {}, "groups": {}, "group_rows": {}}
     if "ims" in cfg.metrics:
+        from raypdm.metrics.identity import reference_from_embeddings
+
         scorer = _identity_scorer(cfg, device)
         for ident in identities:
             images = _reference_images(cfg.reference, ident, cfg.reference_split)
-            emb = scorer.reference_embedding(images) if images else {"ip": None, "vgg": None}
-            found = sum(1 for e in scorer.embed(images) if e.get("ip") is not None) if images else 0
+            # one detection + embedding pass serves both the reference and its face count
+            embedded = scorer.embed(images) if images else []
+            emb = reference_from_embeddings(embedded) if embedded else {"ip": None, "vgg": None}
+            found = sum(1 for e in embedded if e.get("ip") is not None)
             out["reference"][ident] = emb
             out["reference_counts"][ident] = (len(images), found)
     if "mismatch" in cfg.metrics:

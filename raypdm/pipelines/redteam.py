@@ -66,7 +66,12 @@ class RedteamConfig(JobConfig):
     metrics: list[str] = Field(default_factory=lambda: ["ims", "q", "lpips", "ssim", "ms_ssim", "psnr"])
     lpips_backbone: Literal["pretrained", "random"] = "pretrained"
     workers: int = Field(1, ge=1, description="actors per model stage")
-    baseline: str | None = Field(None, description="Table 1's Wilcoxon baseline method [the first non-CDL method]")
+    ours: list[str] = Field(default_factory=lambda: ["codesr + cdl", "codeformer+sr + cdl"],
+                            description="the method(s) under test in Table 1 ('<purifier> + <mode>')")
+    baseline: str = Field("best", description="Table 1's Wilcoxon baseline: 'best' (the strongest method other "
+                                              "than `ours`, by mean IMS) or a method such as 'none + vanilla'")
+    benchmark_plots: list[str] | None = Field(
+        None, description="PNG URIs shown under 'benchmarks' in the report [this checkout's benchmarks/results]")
     grid_images: int = Field(3, ge=1, le=16, description="images per row in the report's grids")
 
     @field_validator("identities")
@@ -274,10 +279,9 @@ def _tables(cfg: RedteamConfig, results, purified: dict[tuple[str, str], str]) -
     _parquet(results, join(cfg.output, "results.parquet"))
     ok = results[results["error"].isna()] if len(results) else results
     if len(ok):
-        methods = sorted(ok["method"].unique())
-        # Default baseline: no purification and vanilla DreamBooth (what a protection is meant to stop).
-        baseline = cfg.baseline or ("none + vanilla" if "none + vanilla" in methods else
-                                    next((m for m in methods if m.endswith("vanilla")), methods[0]))
+        from raypdm.metrics.tables import best_baseline
+
+        baseline = best_baseline(ok, cfg.ours) if cfg.baseline == "best" else cfg.baseline
         out["table1"] = write_table(table1(ok, method_col="method", protection_col="protection",
                                            baseline_method=baseline), join(cfg.output, "tables", "table1"))
         abl = ok.copy()
@@ -334,6 +338,15 @@ def _mismatch(cfg: RedteamConfig, protected: dict[str, str], purified: dict[tupl
     return [("CLIP latent mismatch: clean vs protected vs purified", join(out, "mismatch.png"))]
 
 
+def _checkout_benchmark_plots() -> list[str]:
+    """The benchmark plots of the checkout raypdm runs from (found beside the package, not in the current
+    directory: a submitted job's working directory is Ray's unpacked copy of the checkout)."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    return [str(p) for p in sorted(results.glob("*.png"))] if results.is_dir() else []
+
+
 def _report(cfg: RedteamConfig, results, tables, plots, protected, purified, seconds: float) -> str:
     from raypdm.data.layout import list_images
     from raypdm.report.html import write_report
@@ -370,11 +383,8 @@ def _report(cfg: RedteamConfig, results, tables, plots, protected, purified, sec
               "table4": "Table 4: ablation of CodeFormer / SR / CDL"}
     table_refs = [TableRef(title=titles[k], uri=v["html"]) for k, v in sorted(tables.items()) if "html" in v]
     plot_refs = [PlotRef(title=t, uri=u) for t, u in plots]
-    import os
-
-    for bench in ("benchmarks/results/purifier_throughput.png", "benchmarks/results/dreambooth_step.png"):
-        if os.path.isfile(bench):
-            plot_refs.append(PlotRef(title=f"benchmark: {os.path.basename(bench)}", uri=os.path.abspath(bench)))
+    for bench in (cfg.benchmark_plots if cfg.benchmark_plots is not None else _checkout_benchmark_plots()):
+        plot_refs.append(PlotRef(title=f"benchmark: {bench.rstrip('/').rsplit('/', 1)[-1]}", uri=bench))
     index = ReportIndex(
         title="raypdm red-team report",
         created=time.strftime("%Y-%m-%d %H:%M:%S"),

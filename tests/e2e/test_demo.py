@@ -51,5 +51,9 @@ def test_demo_runs_every_stage(ray_local, tmp_path):
         assert (out / "redteam" / "tables" / f"{table}.md").stat().st_size > 0
     report = (out / "redteam" / "report.html").read_text()
     assert "<img" in report and "data:image" in report and "Table 1" in report
+    assert "benchmark: purifier_throughput.png" in report  # the checkout's benchmark plots, inlined
+    # Table 1 tests the method under test against its strongest competitor, never against itself
+    table1 = (out / "redteam" / "tables" / "table1.md").read_text()
+    assert "Wilcoxon signed-rank test against" in table1 and "against codesr + cdl" not in table1
     assert "report.html" in res.output
     print(f"demo: {seconds:.0f} s")  # the 10-minute budget is measured, not asserted (no timed tests)

@@ -189,6 +189,7 @@ def workdir(scratch) -> Path:
         (wd / decoy).parent.mkdir(parents=True, exist_ok=True)
         (wd / decoy).write_text("must not reach the cluster\n")
     (wd / "benchmarks" / "RESULTS.md").write_text("uploaded\n")
+    (wd / "benchmarks" / "results" / "plot.png").write_bytes(b"\x89PNG uploaded: the report shows it\n")
     return wd
 
 
@@ -217,8 +218,8 @@ def _check_probe(record: dict, workdir: Path) -> None:
                                 "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     files = _uploaded_files(driver["cwd"])
     assert {"raypdm/__init__.py", "raypdm/submit.py", "jobs/runtime_env.yaml", "jobs/gpu_probe.py",
-            "benchmarks/RESULTS.md"} <= files
-    assert not [f for f in files if f.startswith(("tests/", ".venv/", "benchmarks/results/"))], sorted(files)
+            "benchmarks/RESULTS.md", "benchmarks/results/plot.png"} <= files
+    assert not [f for f in files if f.startswith(("tests/", ".venv/")) or f.endswith(".parquet")], sorted(files)
 
 
 # ------------------------------------------------------------------------------------------------ tests

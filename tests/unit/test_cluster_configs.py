@@ -261,6 +261,7 @@ def test_runtime_env_ships_the_code_and_leaves_the_rest_out():
         files = ["raypdm/__init__.py", "raypdm/submit.py", "jobs/redteam.py", "jobs/runtime_env.yaml",
                  "jobs/configs/redteam.yaml", "benchmarks/RESULTS.md", "pyproject.toml",
                  "tests/unit/test_x.py", ".venv/lib/site.py", "benchmarks/results/r.parquet", "runs/a/b.png",
+                 "benchmarks/results/plot.png",
                  ".git/HEAD", "raypdm/__pycache__/x.pyc", "raypdm.egg-info/PKG-INFO", "weights/unet.safetensors"]
         for f in files:
             (tree / f).parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +273,8 @@ def test_runtime_env_ships_the_code_and_leaves_the_rest_out():
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     assert shipped == {"raypdm/__init__.py", "raypdm/submit.py", "jobs/redteam.py", "jobs/runtime_env.yaml",
-                       "jobs/configs/redteam.yaml", "benchmarks/RESULTS.md", "pyproject.toml"}
+                       "jobs/configs/redteam.yaml", "benchmarks/RESULTS.md", "pyproject.toml",
+                       "benchmarks/results/plot.png"}  # the report shows the benchmark plots
 
 
 # ------------------------------------------------------------------------------ raypdm submit (no cluster)

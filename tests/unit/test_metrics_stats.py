@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from raypdm.metrics.stats import format_mean_std, identity_means, setting_summary, wilcoxon_vs_baseline
-from raypdm.metrics.tables import table1, table2, table4, to_html, to_markdown, write_table
+from raypdm.metrics.tables import best_baseline, table1, table2, table4, to_html, to_markdown, write_table
 
 
 def _frame() -> pd.DataFrame:
@@ -158,6 +158,21 @@ def test_table1_shape_and_cells():
     assert not t.loc["CodeSR", ("Meta|Cloak", "IMS")].endswith("*")
     assert t.loc["none", ("ASPL", "Q")] == "0.500 ± 0.000"
     assert "Wilcoxon" in t.attrs["caption"]
+
+
+def test_best_baseline_is_the_strongest_other_method():
+    df = _frame()  # identity means of ims: a = 0.2/0.5/0.5 (the error row's 99 is ignored), b = 0.7/0.6/0.8
+    assert best_baseline(df, ours=["c"]) == "b"
+    assert best_baseline(df, ours=["b"]) == "a"  # ours never competes with itself
+    assert best_baseline(df, ours=["a", "b"]) is None
+    # identities are the unit: many images of one identity do not outweigh the others
+    heavy = pd.DataFrame([{"method": "m1", "protection": "p", "identity": "x", "ims": 0.9}] * 20
+                         + [{"method": "m1", "protection": "p", "identity": "y", "ims": 0.0},
+                            {"method": "m2", "protection": "p", "identity": "x", "ims": 0.5},
+                            {"method": "m2", "protection": "p", "identity": "y", "ims": 0.5}])
+    assert best_baseline(heavy, ours=[]) == "m2"
+    tie = pd.DataFrame({"method": ["z", "y"], "identity": ["x", "x"], "ims": [0.5, 0.5]})
+    assert best_baseline(tie, ours=[]) == "y"
 
 
 def test_table1_missing_setting_and_no_baseline():

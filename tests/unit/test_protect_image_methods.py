@@ -161,3 +161,30 @@ def test_glaze_style_target_is_seeded_per_image(runs, images):
     first = prot.style_target(x, [7])
     assert first.shape == x.shape and torch.equal(first, prot.style_target(x, [7]))
     assert not torch.equal(first, prot.style_target(x, [8]))
+
+
+def test_glaze_objective_penalises_lpips_above_the_budget_only(images):
+    """Glaze's objective is −(‖Φ(x+δ) − Φ(x_T)‖² + α·max(LPIPS(x+δ, x) − p, 0)): the hinge costs exactly
+    α·(LPIPS − p) above the budget p and nothing within it. (PGD's sign steps move every pixel each step,
+    so the budget shapes the ascent; it is no hard constraint on the saved image, unlike the ℓ∞ radius.)"""
+    prot = build_protection("glaze", options={**OPTIONS["glaze"], "lpips_budget": 0.0, "lpips_weight": 1000.0},
+                            device="cpu", preset="tiny")
+    x = to_tensor(images[:1], "cpu")
+    sign = torch.from_numpy(np.random.default_rng(0).choice([-1.0, 1.0], size=tuple(x.shape))).float()
+    x_adv = (x + 8 / 255 * sign).clamp(0, 1)
+    with torch.no_grad():
+        d = float(prot.lpips(x_adv, x, normalize=True).flatten()[0])
+
+        def value(**update):
+            prot.options = prot.options.model_copy(update=update)
+            objective, _ = prot.objectives(x, [0])
+            return float(objective(x_adv)[0])
+
+        heavy = value(lpips_budget=0.0, lpips_weight=1000.0)
+        free = value(lpips_budget=0.0, lpips_weight=0.0)
+        within = value(lpips_budget=d + 0.01, lpips_weight=1000.0)
+        half = value(lpips_budget=d / 2, lpips_weight=1000.0)
+    assert d > 0
+    assert heavy - free == pytest.approx(-1000.0 * d, rel=1e-3)
+    assert within == pytest.approx(free, rel=1e-5)
+    assert half - free == pytest.approx(-1000.0 * d / 2, rel=1e-3)
