@@ -25,36 +25,13 @@ import yaml
 ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "PYTHONUNBUFFERED")
 
 
-def _import_raypdm():
-    """`import raypdm`, tolerating one artifact of this test's cluster: both Ray nodes run on one machine
-    and share one session folder, and once (1 run in 4) the driver's first import found the unpacked
-    working dir's raypdm/ without its __init__.py and bound a namespace package (`__file__` None). A real
-    cluster unpacks per node. Retry for a few seconds and say so in the record; a package that never
-    appears still fails the test."""
-    import importlib
-    import time
-
-    import raypdm
-
-    waited = 0.0
-    while getattr(raypdm, "__file__", None) is None and waited < 20:
-        time.sleep(0.5)
-        waited += 0.5
-        importlib.invalidate_caches()
-        for name in [m for m in sys.modules if m == "raypdm" or m.startswith("raypdm.")]:
-            del sys.modules[name]
-        raypdm = importlib.import_module("raypdm")
-    return raypdm, waited
-
-
 def _where() -> dict:
-    raypdm, waited = _import_raypdm()
+    import raypdm
     return {
         "node_id": ray.get_runtime_context().get_node_id(),
         "cwd": os.getcwd(),
         "cwd_entries": sorted(os.listdir(".")),
         "raypdm_file": os.path.realpath(raypdm.__file__) if raypdm.__file__ else f"namespace: {list(raypdm.__path__)}",
-        "raypdm_import_waited_s": waited,
         "env": {k: os.environ.get(k) for k in ENV_KEYS},
     }
 
