@@ -1,4 +1,4 @@
-"""Ray job entrypoint: raypdm evaluate.
+"""Ray job entrypoint: raypdm evaluate. The same job as `raypdm evaluate`: flags, --config, --set, --smoke, --print-config.
 
     python jobs/evaluate.py --config jobs/configs/evaluate.yaml --output URI [--smoke] [--set key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
@@ -7,7 +7,7 @@
 
 import sys
 
-from raypdm.entrypoints import main
+from raypdm.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main("evaluate"))
+    sys.exit(job_main("evaluate"))

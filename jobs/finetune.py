@@ -1,13 +1,13 @@
-"""Ray job entrypoint: raypdm finetune.
+"""Ray job entrypoint: raypdm train. Alias of jobs/train.py (the job's older name); both run the same job.
 
-    python jobs/finetune.py --config jobs/configs/finetune.yaml --output URI [--smoke] [--set key=value ...]
+    python jobs/finetune.py --config jobs/configs/train.yaml --output URI [--smoke] [--set key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
-        -- python jobs/finetune.py --config jobs/configs/finetune.yaml --output URI
+        -- python jobs/finetune.py --config jobs/configs/train.yaml --output URI
 """
 
 import sys
 
-from raypdm.entrypoints import main
+from raypdm.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main("finetune"))
+    sys.exit(job_main("train"))

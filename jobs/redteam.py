@@ -1,4 +1,4 @@
-"""Ray job entrypoint: raypdm redteam.
+"""Ray job entrypoint: raypdm redteam. The same job as `raypdm redteam`: flags, --config, --set, --smoke, --print-config.
 
     python jobs/redteam.py --config jobs/configs/redteam.yaml --output URI [--smoke] [--set key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
@@ -7,7 +7,7 @@
 
 import sys
 
-from raypdm.entrypoints import main
+from raypdm.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main("redteam"))
+    sys.exit(job_main("redteam"))

@@ -1,4 +1,4 @@
-"""Ray job entrypoint: raypdm sweep.
+"""Ray job entrypoint: raypdm sweep. The same job as `raypdm sweep`: flags, --config, --set, --smoke, --print-config.
 
     python jobs/sweep.py --config jobs/configs/sweep.yaml --output URI [--smoke] [--set key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
@@ -7,7 +7,7 @@
 
 import sys
 
-from raypdm.entrypoints import main
+from raypdm.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main("sweep"))
+    sys.exit(job_main("sweep"))

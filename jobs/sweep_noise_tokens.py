@@ -1,12 +1,13 @@
-"""Ray job entrypoint: the noise-token × guidance-weight search (the same job as jobs/sweep.py).
+"""Ray job entrypoint: raypdm sweep. Alias of jobs/sweep.py (the job's older name); both run the same job.
 
-    python jobs/sweep_noise_tokens.py --config jobs/configs/sweep_smoke.yaml --output /tmp/sweep
-    raypdm submit sweep_noise_tokens --config jobs/configs/sweep.yaml --output s3://bucket/sweeps/s1
+    python jobs/sweep_noise_tokens.py --config jobs/configs/sweep.yaml --output URI [--smoke] [--set key=value ...]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \
+        -- python jobs/sweep_noise_tokens.py --config jobs/configs/sweep.yaml --output URI
 """
 
 import sys
 
-from raypdm.entrypoints import main
+from raypdm.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main("sweep"))
+    sys.exit(job_main("sweep"))

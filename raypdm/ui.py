@@ -1,26 +1,32 @@
-"""Terminal output: progress bars for long work and tables for results (rich)."""
+"""Terminal output: progress bars for long work, live training lines, and tables for results (rich)."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 # Logs and CI are not terminals; rich would squeeze tables into 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
-__all__ = ["console", "stage_progress", "print_table", "stage_summary_table"]
+__all__ = ["console", "stage_progress", "print_table", "stage_summary_table", "TrainProgressView", "train_line"]
 
 
 @contextlib.contextmanager
 def stage_progress(description: str, enabled: bool = True) -> Iterator[Any]:
-    """Yield a `progress(done, total)` callback that drives one bar."""
+    """Yield a `progress(done, total)` callback that drives one bar; disabled (`--no-progress`, logs, CI),
+    the stage's name is printed once and no callback is given."""
     if not enabled:
+        console.print(description, highlight=False)
         yield None
         return
     with Progress(
@@ -62,3 +68,107 @@ def stage_summary_table(summaries: Sequence[Any], title: str = "Stages") -> None
         for s in summaries
     ]
     print_table(title, ["stage", "inputs", "done", "resumed", "errors", "seconds", "images/s", "output"], rows)
+
+
+# --------------------------------------------------------------------------- training progress
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def train_line(label: str, record: dict[str, Any] | None, total: int, width: int = 0) -> str:
+    """`identity  step/total  loss  s/step  ETA  (phase)` as plain text: what the non-terminal view prints."""
+    record = record or {}
+    step, total = record.get("step", 0), record.get("total", total)
+    loss = record.get("loss")
+    rate = record.get("s_per_step")
+    phase = record.get("phase", "waiting")
+    attempt = record.get("attempt", 1)
+    parts = [f"{label:<{width}}", f"{step}/{total}",
+             f"loss {loss:.4f}" if loss is not None else "loss -",
+             f"{rate:.2f} s/step" if rate is not None else "- s/step",
+             f"ETA {_duration(record.get('eta_s'))}" if phase == "training" else phase]
+    if attempt > 1:
+        parts.append(f"attempt {attempt}")
+    return "  ".join(parts)
+
+
+class TrainProgressView:
+    """One line per training run, fed by `update(records)` (the progress board's snapshot).
+
+    live=True on a terminal: a rich Live block redrawn in place (it stays on screen when training ends).
+    Otherwise plain lines through `log`: a run's line when its phase changes and at most every
+    `plain_every_s` seconds while it trains, so logs and CI get a heartbeat, not a flood."""
+
+    def __init__(self, labels: Sequence[str], totals: dict[str, int], *, live: bool = True,
+                 log: Callable[[str], None] = console.print, plain_every_s: float = 10.0,
+                 out: Console | None = None):
+        self.labels, self.totals = list(labels), dict(totals)
+        self.out = out or console
+        self.live_mode = live and self.out.is_terminal
+        self.log, self.plain_every_s = log, plain_every_s
+        self.records: dict[str, dict[str, Any]] = {}
+        self._printed: dict[str, tuple[str, float]] = {}  # label -> (phase, time) of the last plain line
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+        self._width = max((len(label) for label in self.labels), default=0)
+
+    def __enter__(self) -> TrainProgressView:
+        if self.live_mode:
+            self._live = Live(self._render(), console=self.out, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._render(), refresh=True)
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def update(self, records: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            self.records = {k: dict(v) for k, v in records.items()}
+            if self._live is not None:
+                self._live.update(self._render())
+            else:
+                self._plain_lines()
+
+    def _plain_lines(self) -> None:
+        now = time.monotonic()
+        for label in self.labels:
+            record = self.records.get(label)
+            if record is None:
+                continue
+            phase = record.get("phase", "")
+            last = self._printed.get(label)
+            due = last is None or last[0] != phase or (phase == "training" and now - last[1] >= self.plain_every_s)
+            if due:
+                self._printed[label] = (phase, now)
+                self.log(train_line(label, record, self.totals.get(label, 0), self._width))
+
+    def _render(self) -> Table:
+        table = Table.grid(padding=(0, 2))
+        for _ in range(7):
+            table.add_column(no_wrap=True)
+        for label in self.labels:
+            record = self.records.get(label) or {}
+            total = record.get("total", self.totals.get(label, 0)) or 1
+            step = record.get("step", 0)
+            phase = record.get("phase", "waiting")
+            loss = record.get("loss")
+            rate = record.get("s_per_step")
+            state = f"ETA {_duration(record.get('eta_s'))}" if phase == "training" else phase
+            if record.get("attempt", 1) > 1:
+                state += f" (attempt {record['attempt']})"
+            table.add_row(
+                f"[bold]{label}[/bold]", ProgressBar(total=total, completed=step, width=24), f"{step}/{total}",
+                f"loss {loss:.4f}" if loss is not None else "loss -",
+                f"{rate:.2f} s/step" if rate is not None else "- s/step", state, "",
+            )
+        return table

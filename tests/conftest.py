@@ -16,6 +16,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# A test not marked `slow` must stay fast: the fast loop (`pytest -m "not slow"`) is what contributors run
+# after every change. Over this many seconds (setup or call) it is listed at the end of every run, and with
+# `--max-test-seconds N` it fails, naming itself (README: the fast loop's command passes 15).
+FAST_LIMIT_S = 15.0
+
+
+def pytest_addoption(parser):
+    parser.addoption("--max-test-seconds", type=float, default=None, metavar="N",
+                     help="fail any test not marked slow whose setup or call takes over N seconds")
+
+
+_over_limit: list[tuple[str, str, float]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when not in ("setup", "call") or "slow" in item.keywords or not rep.passed:
+        return
+    strict = item.config.getoption("--max-test-seconds")
+    limit = strict if strict is not None else FAST_LIMIT_S
+    if rep.duration <= limit:
+        return
+    _over_limit.append((item.nodeid, rep.when, rep.duration))
+    if strict is not None:
+        rep.outcome = "failed"
+        rep.longrepr = (f"{item.nodeid}: {rep.when} took {rep.duration:.1f} s, over --max-test-seconds {limit:g}; "
+                        "make it cheaper or mark it `slow`")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _over_limit:
+        terminalreporter.section(f"tests not marked slow over {FAST_LIMIT_S:g} s")
+        for nodeid, when, seconds in sorted(_over_limit, key=lambda t: -t[2]):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {when:5s}  {nodeid}")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from raypdm.config import JobConfig
+from raypdm.config import JobConfig, Uri
 from raypdm.data.uri import join
 from raypdm.pipelines.purify import _chain_uses_gpu
 
@@ -35,10 +35,10 @@ MODEL_CHAINS = {"codesr"}
 
 
 class PurifierBenchConfig(JobConfig):
-    out: str = Field(description="where results.parquet and the plot go")
+    output: Uri = Field(description="where purifier_throughput.parquet and the plot go")
     purifiers: list[str] = Field(default_factory=lambda: ["jpeg", "gaussian", "tvm", "codeformer", "sr", "codesr"])
     preset: Literal["tiny", "full"] = "tiny"
-    weights_dir: str | None = None
+    weights_dir: Uri | None = None
     images: int = Field(64, ge=1, description="images per mode (b) and (c)")
     per_image_samples: int = Field(4, ge=1, description="mode (a) is slow: time this many processes")
     size: int = Field(512, ge=32, description="side of the synthetic input images")
@@ -127,7 +127,7 @@ def _ray_peak_rss_mb() -> float:
 
 
 def run_purifier_bench(cfg: PurifierBenchConfig, *, log=print) -> "Any":
-    """Run every purifier in every mode; write results.parquet and throughput.png under cfg.out."""
+    """Run every purifier in every mode; write results.parquet and throughput.png under cfg.output."""
     import pandas as pd
 
     from raypdm.data.synthetic import make_synthetic
@@ -177,7 +177,7 @@ def run_purifier_bench(cfg: PurifierBenchConfig, *, log=print) -> "Any":
     df["cpus"] = os.cpu_count()
     df["gpu"] = _gpu_name()
     df["date"] = time.strftime("%Y-%m-%d")
-    _write(cfg.out, df)
+    _write(cfg.output, df)
     return df
 
 

@@ -6,6 +6,7 @@ then moved into place, so a reader (or a resumed run) never sees half a file on 
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 
@@ -13,7 +14,76 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["fs_and_path", "join", "write_bytes", "read_bytes", "exists", "protocol_of", "to_uri"]
+__all__ = [
+    "UriError",
+    "normalise_uri",
+    "fs_and_path",
+    "join",
+    "write_bytes",
+    "read_bytes",
+    "exists",
+    "protocol_of",
+    "to_uri",
+]
+
+
+class UriError(ValueError):
+    """A path or URI that cannot work: unknown scheme, or a scheme whose fsspec back-end is not installed."""
+
+
+# scheme -> (module fsspec needs, the pip install line that provides it). Schemes fsspec implements
+# itself need nothing extra.
+_BACKENDS: dict[str, tuple[str | None, str | None]] = {
+    "file": (None, None),
+    "local": (None, None),
+    "memory": (None, None),
+    "s3": ("s3fs", "pip install 'raypdm[s3]'  (s3fs)"),
+    "s3a": ("s3fs", "pip install 'raypdm[s3]'  (s3fs)"),
+    "gs": ("gcsfs", "pip install 'raypdm[gcs]'  (gcsfs)"),
+    "gcs": ("gcsfs", "pip install 'raypdm[gcs]'  (gcsfs)"),
+    "az": ("adlfs", "pip install adlfs"),
+    "abfs": ("adlfs", "pip install adlfs"),
+    "abfss": ("adlfs", "pip install adlfs"),
+    "hdfs": ("pyarrow", None),
+}
+
+
+def normalise_uri(uri: str, *, cwd: str | None = None) -> str:
+    """The one form every stage sees: an absolute local path, or a URI that keeps its scheme.
+
+    Relative local paths are resolved against the caller's working directory *here*, in the process
+    that reads the config: Ray workers and Tune run elsewhere (another cwd, another node), so a
+    relative path would mean something different there, or nothing (`URI has empty scheme`).
+    `~` is expanded. A scheme must be one fsspec can open, with its back-end installed; otherwise
+    `UriError` says what to install, before anything starts.
+    """
+    uri = str(uri).strip()
+    if not uri:
+        raise UriError("empty path")
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme not in _BACKENDS:
+            from fsspec.registry import known_implementations
+
+            if scheme not in known_implementations:
+                known = ", ".join(f"{s}://" for s in ("file", "s3", "gs", "memory"))
+                raise UriError(f"{uri!r}: unknown scheme {scheme}:// (use a local path or one of {known})")
+        module, install = _BACKENDS.get(scheme, (None, None))
+        if module is not None:
+            import importlib.util
+
+            if importlib.util.find_spec(module) is None:
+                hint = f": {install}" if install else ""
+                raise UriError(f"{uri!r}: {scheme}:// needs the {module} package{hint}")
+        if scheme in ("file", "local"):
+            # file:///abs keeps its scheme; file://relative (no leading slash) is a mistake worth naming.
+            rest = uri.split("://", 1)[1]
+            if not rest.startswith("/"):
+                raise UriError(f"{uri!r}: a file:// URI needs an absolute path (file:///abs/path)")
+        return uri
+    base = cwd or os.getcwd()
+    return os.path.normpath(os.path.join(base, os.path.expanduser(uri)))
+
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -6,7 +6,8 @@ with ``data_range=255``.
 
 Choices:
 - LPIPS: ``lpips`` package, AlexNet trunk, v0.1 linear layers (shipped inside the package, offline).
-  The ImageNet AlexNet trunk comes from torchvision's cache under ``TORCH_HOME``; with
+  The ImageNet AlexNet trunk comes from ``<weights_dir>/lpips-alex/`` or torchvision's cache under
+  ``TORCH_HOME`` (``raypdm.models.lpips_trunks``); with
   ``lpips_pretrained=False`` the trunk is random (fixed seed 0, so values are reproducible) and the
   numbers are only useful for tests and smoke runs, never comparable with published LPIPS.
 - SSIM: ``skimage.metrics.structural_similarity`` with Wang et al.'s settings (11 x 11 Gaussian
@@ -25,7 +26,6 @@ Choices:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -89,45 +89,30 @@ def ms_ssim_settings(min_side: int) -> tuple[float, ...]:
     raise ValueError(f"MS-SSIM needs images of at least {k} px per side, got {min_side}")
 
 
-def alexnet_weights_path() -> str:
-    """Where torchvision looks for the ImageNet AlexNet weights that LPIPS's trunk loads."""
-    from torchvision.models import AlexNet_Weights
+def alexnet_weights_path(weights_dir: str | os.PathLike | None = None) -> str:
+    """Where LPIPS's ImageNet AlexNet trunk is read from: ``<weights_dir>/lpips-alex/`` when that holds it
+    (or when torchvision's cache does not), else torchvision's cache under ``TORCH_HOME``."""
+    from raypdm.models.lpips_trunks import find_trunk, trunk_candidates
 
-    filename = os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url)
-    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    found = find_trunk("alex", weights_dir)
+    return str(found if found is not None else trunk_candidates("alex", weights_dir)[0])
 
 
-def load_lpips(device: str | torch.device = "cpu", pretrained_backbone: bool = False) -> torch.nn.Module:
+def load_lpips(
+    device: str | torch.device = "cpu", pretrained_backbone: bool = False, weights_dir: str | os.PathLike | None = None
+) -> torch.nn.Module:
     """LPIPS-Alex in eval mode on ``device``; never touches the network.
 
-    ``pretrained_backbone=True`` needs torchvision's AlexNet file in its cache (else FileNotFoundError
-    naming it, instead of a download attempt that hangs or fails on an offline node).
+    ``pretrained_backbone=True`` reads torchvision's ImageNet AlexNet file from ``<weights_dir>/lpips-alex/``
+    (``raypdm models fetch --model lpips-alex``) or torchvision's cache, sha256-checked; a missing one is a
+    ``MissingWeightsError`` (a FileNotFoundError) naming both places, the fetch command and ``--lpips random``.
+    ``False``: the seeded random trunk (seed ``LPIPS_RANDOM_SEED``).
     """
-    import warnings
-
-    import lpips
+    from raypdm.models.lpips_trunks import build_lpips, load_lpips_net
 
     if pretrained_backbone:
-        path = alexnet_weights_path()
-        if not os.path.isfile(path):
-            from torchvision.models import AlexNet_Weights
-
-            raise FileNotFoundError(
-                f"LPIPS with the ImageNet AlexNet trunk needs {path} (set TORCH_HOME to move it). Fetch it "
-                f"on a machine with network access with `python -c \"import torchvision; "
-                f"torchvision.models.alexnet(weights='IMAGENET1K_V1')\"` or download "
-                f"{AlexNet_Weights.IMAGENET1K_V1.url} and copy it there; or use lpips_pretrained=False "
-                "(random trunk, values only for tests)."
-            )
-    # A random trunk must be the same trunk in every worker, so seed it without disturbing the caller's RNG.
-    rng = torch.random.fork_rng(devices=[]) if not pretrained_backbone else contextlib.nullcontext()
-    with rng, warnings.catch_warnings():
-        # lpips calls torchvision's deprecated `pretrained=` API; the warning is noise for our users.
-        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-        if not pretrained_backbone:
-            torch.manual_seed(LPIPS_RANDOM_SEED)
-        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
-    return model.eval().to(device)
+        return load_lpips_net("alex", device, weights_dir)
+    return build_lpips("alex", device)
 
 
 def _to_tensor(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -148,6 +133,8 @@ class FaithfulnessScorer:
         *,
         batch_size: int = 16,
         psnr_cap: float | None = None,
+        weights_dir: str | os.PathLike | None = None,
+        with_lpips: bool = True,
     ):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,13 +142,16 @@ class FaithfulnessScorer:
         self.lpips_pretrained = lpips_pretrained
         self.batch_size = batch_size
         self.psnr_cap = psnr_cap
-        self.lpips = load_lpips(self.device, pretrained_backbone=lpips_pretrained)
+        # Without LPIPS (a caller that asked only for SSIM/MS-SSIM/PSNR) no trunk is loaded or needed, and
+        # the `lpips` value stays NaN.
+        self.lpips = load_lpips(self.device, pretrained_backbone=lpips_pretrained, weights_dir=weights_dir) if with_lpips else None
 
     def config_dict(self) -> dict[str, Any]:
         """What changes the scores (for a stage config hash)."""
         return {
-            "lpips": "alex-v0.1",
-            "lpips_backbone": "imagenet" if self.lpips_pretrained else f"random-seed{LPIPS_RANDOM_SEED}",
+            "lpips": "alex-v0.1" if self.lpips is not None else None,
+            "lpips_backbone": (None if self.lpips is None
+                               else "imagenet" if self.lpips_pretrained else f"random-seed{LPIPS_RANDOM_SEED}"),
             "ssim": {k: v for k, v in SSIM_KWARGS.items() if k != "channel_axis"},
             "ms_ssim": {"kernel": MSSSIM_KERNEL, "betas": list(MSSSIM_BETAS), "normalize": "relu"},
             "psnr_cap": self.psnr_cap,
@@ -202,7 +192,8 @@ class FaithfulnessScorer:
                 xs = _to_tensor([pairs[i][0] for i in chunk], self.device)
                 ys = _to_tensor([pairs[i][1] for i in chunk], self.device)
                 # lpips expects [-1, 1] inputs.
-                d = self.lpips(xs / 127.5 - 1.0, ys / 127.5 - 1.0).flatten()
+                d = (self.lpips(xs / 127.5 - 1.0, ys / 127.5 - 1.0).flatten() if self.lpips is not None
+                     else torch.full((len(chunk),), math.nan))
                 m = multiscale_structural_similarity_index_measure(
                     xs, ys, kernel_size=MSSSIM_KERNEL, sigma=1.5, data_range=255.0, betas=betas, reduction="none"
                 ).flatten()

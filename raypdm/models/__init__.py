@@ -4,6 +4,9 @@
     sd = models.build("sd21-base", preset="tiny")           # seeded random weights
     sd = models.load("sd21-base", "/weights", device="cuda")  # reads /weights/sd21-base/...
     models.check_weights("/weights")                         # present / missing / corrupt per file
+
+Real weights get there with `raypdm models fetch --weights-dir /weights` (raypdm.models.fetch); a job
+checks them up front with raypdm.models.preflight.check_models.
 """
 
 from __future__ import annotations
@@ -14,12 +17,20 @@ from typing import Any
 import torch
 
 from raypdm.models.registry import ModelSpec, WeightFile, get, list_models, register
-from raypdm.models.weights import FileStatus, MissingWeightsError, check_weights, read_state_dict, require_files
+from raypdm.models.weights import (
+    CorruptWeightsError,
+    FileStatus,
+    MissingWeightsError,
+    check_weights,
+    read_state_dict,
+    require_files,
+)
 
 # Built-in models register themselves when first asked for (see registry._BUILTIN_MODULES), so importing
 # this package stays cheap.
 
 __all__ = [
+    "CorruptWeightsError",
     "FileStatus",
     "MissingWeightsError",
     "ModelSpec",
@@ -50,7 +61,8 @@ def load(
     """The model with real weights from `<weights_dir>/<name>/`, offline.
 
     Raises `MissingWeightsError` (naming each missing file and the command that fetches it) before
-    anything is read.
+    anything is read, and `CorruptWeightsError` when a file does not match its pinned sha256 (hashed once
+    per file version and remembered, see `raypdm.models.verify`).
     """
     spec = get(name)
     require_files(spec, weights_dir)

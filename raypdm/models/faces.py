@@ -553,7 +553,7 @@ def vggface_layouts() -> Layouts:
 class _BringYourOwnSpec(ModelSpec):
     """A model without a working public download: the fetch command says where to copy the files."""
 
-    def fetch_command(self, weights_dir: str | Path) -> str:
+    def manual_fetch_command(self, weights_dir: str | Path) -> str:
         return _antelope_fetch(self.model_dir(weights_dir))
 
 

@@ -9,7 +9,7 @@ adding a model never touches this file.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,24 @@ class ModelSpec:
     def model_dir(self, weights_dir: str | Path) -> Path:
         return Path(weights_dir) / self.name
 
+    @property
+    def downloadable(self) -> bool:
+        """Whether `raypdm models fetch` can download this model (a hub repo or a URL per file)."""
+        return bool(self.hub_repo) or any(f.url for f in self.files)
+
     def fetch_command(self, weights_dir: str | Path) -> str:
-        """The exact shell command that puts this model's files where `load` looks for them."""
+        """The exact shell command that puts this model's files where `load` looks for them.
+
+        The first line is `raypdm models fetch ...`; the `hf download`/`curl` equivalents follow as
+        comment lines, for a download machine without raypdm (the block stays pasteable as a whole).
+        """
+        if not self.downloadable:
+            return self.manual_fetch_command(weights_dir)
+        manual = "\n".join(f"# {line}" for line in self.manual_fetch_command(weights_dir).splitlines())
+        return f"{fetch_command([self.name], weights_dir)}\n# without raypdm:\n{manual}"
+
+    def manual_fetch_command(self, weights_dir: str | Path) -> str:
+        """The same download with `hf download` (hub models) or `curl` (release URLs)."""
         dest = self.model_dir(weights_dir)
         if self.hub_repo:
             rev = self.hub_revision or "main"
@@ -80,6 +96,12 @@ class ModelSpec:
         return "\n".join(cmds)
 
 
+def fetch_command(names: Iterable[str], weights_dir: str | Path) -> str:
+    """`raypdm models fetch --weights-dir W --model A --model B`: one line for any set of models."""
+    models = " ".join(f"--model {shlex.quote(n)}" for n in dict.fromkeys(names))
+    return f"raypdm models fetch --weights-dir {shlex.quote(str(weights_dir))} {models}".rstrip()
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 # Built-in models live in their own modules and register themselves when imported. Importing diffusers
@@ -94,6 +116,8 @@ _BUILTIN_MODULES: dict[str, str] = {
     "vggface": "raypdm.models.faces",
     "clip-vit-b32": "raypdm.models.clip",
     "liqe": "raypdm.models.clip",
+    "lpips-alex": "raypdm.models.lpips_trunks",
+    "lpips-vgg": "raypdm.models.lpips_trunks",
 }
 
 

@@ -357,10 +357,15 @@ SPEC = register(
         # Commit "Update model_index.json" (2022-12-20) on main, after the safetensors files were added
         # (e7cda18, #4). Read from the hub's public commit history; a later main head was not checked.
         hub_revision="88bb1a46821197d1ac0cb54d1d09fb6e70b171bc",
-        # Only the UNet hash could be read from the hub's file page (LFS pointer of
-        # unet/diffusion_pytorch_model.safetensors, last changed in e7cda18). The VAE and text encoder
-        # hashes were not found in an official source, so they stay unpinned rather than guessed.
-        files=hub_files({"unet": "6dfae3e5f7d459b50f4b0850ead945972c75bb0e1897628933e169eb43974214"}),
+        # The UNet hash is the hub file page's LFS pointer (unet/diffusion_pytorch_model.safetensors, last
+        # changed in e7cda18). The VAE and text encoder hashes come from independent public download
+        # manifests of this repo's diffusers files (three agree, and each lists the UNet hash above too);
+        # they are not on an official page, so a mismatch report should be read with that in mind.
+        files=hub_files({
+            "unet": "6dfae3e5f7d459b50f4b0850ead945972c75bb0e1897628933e169eb43974214",
+            "vae": "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815",
+            "text_encoder": "cce6febb0b6d876ee5eb24af35e27e764eb4f9b1d0b7c026c8c3333d4cfc916c",
+        }),
         builder=build_sd21,
         loader=load_sd21,
         layouts=sd21_layouts,

@@ -31,7 +31,23 @@ _HASH_CHUNK = 8 * 1024 * 1024
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class MissingWeightsError(FileNotFoundError):
+def _rebuild_error(cls: type, args: tuple, state: dict) -> BaseException:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
+
+class _TravellingError:
+    """These errors are raised inside Ray actors and travel to the driver pickled. An exception pickles
+    as `cls(*self.args)`, which does not fit constructors that take the parts of the message: Ray then
+    shows "Failed to deserialize exception" instead of the fix. Rebuild from the message and attributes."""
+
+    def __reduce__(self):
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
+
+
+class MissingWeightsError(_TravellingError, FileNotFoundError):
     """A required weight file is not on disk. The message names each file and the fetch command."""
 
     def __init__(self, model: str, missing: list[Path], fetch: str):
@@ -39,8 +55,23 @@ class MissingWeightsError(FileNotFoundError):
         files = "\n".join(f"  {p}" for p in missing)
         super().__init__(
             f"{model}: {len(missing)} required weight file(s) missing:\n{files}\n"
-            f"Fetch them with:\n  {fetch}\n(or check them with `raypdm models check --weights-dir ...`)"
+            f"Fetch them with:\n{_indent(fetch)}\n(or check them with `raypdm models check --weights-dir ...`)"
         )
+
+
+class CorruptWeightsError(_TravellingError, ValueError):
+    """A weight file is on disk but its sha256 is not the pinned one (truncated, damaged, another release)."""
+
+    def __init__(self, model: str, path: Path, expected: str, found: str, fetch: str):
+        self.model, self.path, self.expected, self.found, self.fetch = model, path, expected, found, fetch
+        super().__init__(
+            f"{model}: {path} does not match its pinned sha256\n  expected {expected}\n  found    {found}\n"
+            f"It is truncated, damaged or another release. Fetch it again with:\n{_indent(fetch)}"
+        )
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
 
 
 @dataclass(frozen=True)
@@ -235,7 +266,9 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
 # --------------------------------------------------------------------------- checks
 
 
-def require_files(spec: ModelSpec, weights_dir: str | Path) -> None:
+def require_files(spec: ModelSpec, weights_dir: str | Path, *, verify_hashes: bool = True) -> None:
+    """Every required file present (else `MissingWeightsError`), and with `verify_hashes` every pinned one
+    intact (else `CorruptWeightsError`; hashes are remembered per file version, see `verify.py`)."""
     model_dir = spec.model_dir(weights_dir)
     missing = [
         (model_dir / f.path).absolute()
@@ -244,6 +277,21 @@ def require_files(spec: ModelSpec, weights_dir: str | Path) -> None:
     ]
     if missing:
         raise MissingWeightsError(spec.name, missing, spec.fetch_command(weights_dir))
+    if verify_hashes:
+        from raypdm.models.verify import verify_model  # verify.py builds on this module
+
+        verify_model(spec, weights_dir)
+
+
+def custom_architecture(spec: ModelSpec, model_dir: Path, wf) -> bool:
+    """Whether `wf` is a tiny/custom-config bundle's file in the hub layout: its own config implies another
+    layout than the full preset's, so the pin (taken for the hub's full-size file) cannot apply."""
+    if wf.layout is None or spec.config_layouts is None or not spec.layouts:
+        return False
+    layouts, source = _expected_layouts(spec, model_dir)
+    full = spec.layouts().get(wf.layout)
+    own = layouts.get(wf.layout)
+    return source != "the full preset" and full is not None and own is not None and any(compare_layout(own, full))
 
 
 def _expected_layouts(spec: ModelSpec, model_dir: Path) -> tuple[dict[str, dict[str, Shape]], str]:

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from raypdm.config import JobConfig, config_hash
-from raypdm.data.layout import SPLITS, ImageRef, validate_component
+from raypdm.config import Identities, JobConfig, Uri, config_hash, validate_section
+from raypdm.data.layout import SPLITS, ImageRef
 from raypdm.pipelines.stage import ImageStage, StageSummary, run_image_stage
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,13 @@ __all__ = ["ProtectJobConfig", "run_protect", "protection_options"]
 
 
 class ProtectJobConfig(JobConfig):
-    input: str = Field(description="clean dataset root (fsspec URI): <identity>/set_A|set_B|set_C/<image>")
-    output: str = Field(description="output root: the protected dataset + manifest.parquet")
+    input: Uri = Field(description="clean dataset root (fsspec URI): <identity>/set_A|set_B|set_C/<image>")
+    output: Uri = Field(description="output root: the protected dataset + manifest.parquet")
     method: str = Field("advdm", description="protection name (raypdm protect --list)")
     options: dict[str, Any] = Field(default_factory=dict, description="the method's options (radius, step, steps, ...)")
     preset: Literal["tiny", "full"] = "tiny"
-    weights_dir: str | None = None
-    identities: list[str] | None = None
+    weights_dir: Uri | None = None
+    identities: Identities = Field(None, description="comma-separated identity folder names, or all")
     protect_split: str = Field("set_A", description="the split that gets protected (trained on downstream)")
     copy_splits: bool = Field(True, description="copy the other splits through unchanged")
     batch_size: int = Field(4, ge=1, le=1024)
@@ -47,13 +47,6 @@ class ProtectJobConfig(JobConfig):
     cpus_per_identity: float = Field(0.5, gt=0, description="CPU share of a per-identity task on CPU-only clusters")
     max_concurrent: int | None = Field(None, ge=1, description="identities protected at once [all that fit]")
     lpips_backbone: Literal["pretrained", "random"] = "pretrained"
-
-    @field_validator("identities")
-    @classmethod
-    def _safe_identities(cls, v: list[str] | None) -> list[str] | None:
-        for ident in v or []:
-            validate_component(ident, "identity")
-        return v
 
     @field_validator("protect_split")
     @classmethod
@@ -65,18 +58,19 @@ class ProtectJobConfig(JobConfig):
     @model_validator(mode="after")
     def _valid_method(self) -> ProtectJobConfig:
         # Unknown methods and bad options fail here, in the driver, naming the culprit.
-        protection_options(self.method, self.options)
+        protection_options(self.method, self.options, "options")
         return self
 
 
-def protection_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The method's validated options as plain JSON (defaults filled in): what the stage key hashes."""
+def protection_options(method: str, options: dict[str, Any], *prefix: str | int) -> dict[str, Any]:
+    """The method's validated options as plain JSON (defaults filled in): what the stage key hashes.
+    `prefix`: where the options sit in the user's config, so an error names the full path."""
     from raypdm.protect import list_protections, protection_options_model
 
     name = method.strip().lower().replace("-", "_")
     if name not in list_protections():
         raise ValueError(f"unknown protection {method!r}; known: {', '.join(list_protections())}")
-    return protection_options_model(name).model_validate(options).model_dump(mode="json")
+    return validate_section(protection_options_model(name), options, *prefix).model_dump(mode="json")
 
 
 def _is_per_identity(method: str) -> bool:
@@ -91,10 +85,10 @@ def _is_per_identity(method: str) -> bool:
 class _Measure:
     """ℓ∞ / ℓ2 of the saved perturbation and LPIPS to the clean image (loaded once per actor)."""
 
-    def __init__(self, lpips_pretrained: bool):
+    def __init__(self, lpips_pretrained: bool, weights_dir: str | None = None):
         from raypdm.metrics.faithfulness import load_lpips
 
-        self.lpips = load_lpips("cpu", pretrained_backbone=lpips_pretrained)
+        self.lpips = load_lpips("cpu", pretrained_backbone=lpips_pretrained, weights_dir=weights_dir)
 
     def __call__(self, clean: list[np.ndarray], protected: list[np.ndarray], rows=None) -> list[dict[str, float]]:
         import torch
@@ -189,7 +183,7 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
     per_image = (time.perf_counter() - t0) / len(good)
     finished = time.time()
     started = finished - (time.perf_counter() - t0)
-    measure = _Measure(cfg.lpips_backbone == "pretrained")
+    measure = _Measure(cfg.lpips_backbone == "pretrained", cfg.weights_dir)
     for (ref, sha, image), result in zip(good, results):
         row = {"identity": ref.identity, "split": ref.split, "name": ref.name, "src_uri": ref.src_uri,
                "input_sha256": sha, "stage": method, "config_hash": chash, "seconds": per_image,
@@ -298,9 +292,9 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
     chash = config_hash(stage_config)
     refs, problems = list_images(cfg.input, identities=cfg.identities, splits=(cfg.protect_split,))
     if cfg.lpips_backbone == "pretrained":
-        from raypdm.pipelines.purify import _require_lpips_weights
+        from raypdm.models.preflight import check_models
 
-        _require_lpips_weights()
+        check_models([], cfg.weights_dir, lpips=["alex"])  # in the driver, before any work
     summaries = []
     if _is_per_identity(method):
         summaries.append(_run_per_identity(cfg, method, options, refs, chash, progress, on_identity_start))
@@ -308,7 +302,7 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
         stage = ImageStage(
             name=method, config=stage_config, config_hash=chash,
             make_transform=functools.partial(_image_transform, method, options, cfg.preset, cfg.weights_dir),
-            make_scorer=functools.partial(_Measure, cfg.lpips_backbone == "pretrained"),
+            make_scorer=functools.partial(_Measure, cfg.lpips_backbone == "pretrained", cfg.weights_dir),
             uses_model=True, uses_gpu=True, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
             batch_size=cfg.batch_size,
         )

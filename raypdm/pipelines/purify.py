@@ -8,28 +8,28 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raypdm.config import JobConfig, config_hash
+from raypdm.config import Identities, JobConfig, Uri, config_hash, validate_section
 from raypdm.data.decode import DEFAULT_MAX_PIXELS
-from raypdm.data.layout import SPLITS, validate_component
+from raypdm.data.layout import SPLITS
 from raypdm.pipelines.stage import ImageStage, StageSummary, run_image_stage
 
 __all__ = ["PurifyConfig", "purify_stage", "run_purify"]
 
 
 class PurifyConfig(JobConfig):
-    input: str = Field(description="dataset root (fsspec URI) in the <identity>/<split>/<image> layout")
-    output: str = Field(description="output root (fsspec URI): images + manifest.parquet + config.yaml")
+    input: Uri = Field(description="dataset root (fsspec URI) in the <identity>/<split>/<image> layout")
+    output: Uri = Field(description="output root (fsspec URI): images + manifest.parquet + config.yaml")
     purifier: str = Field("jpeg", description="purifier name or chain, e.g. jpeg, codesr, gaussian+jpeg")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-purifier options")
     preset: Literal["tiny", "full"] = "tiny"
-    weights_dir: str | None = None
+    weights_dir: Uri | None = None
     batch_size: int = Field(8, ge=1, le=4096)
     workers: int = Field(1, ge=1, le=10_000)
     gpus_per_worker: float = Field(1.0, ge=0, le=8)
-    identities: list[str] | None = None
+    identities: Identities = Field(None, description="comma-separated identity folder names, or all")
     splits: list[str] = Field(default_factory=lambda: list(SPLITS))
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    reference: str | None = Field(None, description="clean dataset root: faithfulness vs the clean image too")
+    reference: Uri | None = Field(None, description="clean dataset root: faithfulness vs the clean image too")
     faithfulness: bool = Field(True, description="LPIPS/SSIM/MS-SSIM/PSNR per image vs input (and reference)")
     lpips_backbone: Literal["pretrained", "random"] = Field(
         "pretrained", description="'random' needs no download but its LPIPS values only suit tests/smoke runs"
@@ -37,13 +37,6 @@ class PurifyConfig(JobConfig):
     chain_layout: Literal["fused", "pools"] = Field(
         "fused", description="chains of model purifiers: one actor runs the whole chain, or one pool per model"
     )
-
-    @field_validator("identities")
-    @classmethod
-    def _safe_identities(cls, v: list[str] | None) -> list[str] | None:
-        for ident in v or []:
-            validate_component(ident, "identity")
-        return v
 
     @field_validator("splits")
     @classmethod
@@ -63,7 +56,7 @@ class PurifyConfig(JobConfig):
         if stray:
             raise ValueError(f"options given for {stray}, which are not in the chain {names}")
         for name in names:
-            purifier_options_model(name).model_validate(self.options.get(name, {}))
+            validate_section(purifier_options_model(name), self.options.get(name, {}), "options", name)
         return self
 
 
@@ -93,8 +86,12 @@ def purify_stage(cfg: PurifyConfig) -> ImageStage:
     scorer = None
     if cfg.faithfulness:
         if cfg.lpips_backbone == "pretrained":
-            _require_lpips_weights()
-        scorer = functools.partial(FaithfulnessColumns, cfg.reference, cfg.lpips_backbone == "pretrained")
+            # In the driver, before any work (the CLI's pre-flight says it earlier; this covers the Python API).
+            from raypdm.models.preflight import check_models
+
+            check_models([], cfg.weights_dir, lpips=["alex"])
+        scorer = functools.partial(FaithfulnessColumns, cfg.reference, cfg.lpips_backbone == "pretrained",
+                                   cfg.weights_dir)
 
     # Model purifiers load in their actors, never in the driver: only the names decide placement.
     uses_gpu = _chain_uses_gpu(names)
@@ -119,26 +116,18 @@ def _maker(spec: str, preset: str, weights_dir: str | None, options: dict):
     return functools.partial(build_purifier, spec, preset=preset, weights_dir=weights_dir, options=options)
 
 
-def _require_lpips_weights() -> None:
-    """Fail in the driver, before any work, when LPIPS's ImageNet trunk is not on this machine."""
-    import os
-
-    from raypdm.metrics.faithfulness import alexnet_weights_path, load_lpips
-
-    if not os.path.isfile(alexnet_weights_path()):
-        load_lpips("cpu", pretrained_backbone=True)  # raises FileNotFoundError naming the file and the fix
-
-
 class FaithfulnessColumns:
     """Per-row faithfulness of the purified image: vs the purifier's input (`lpips`, `ssim`, `ms_ssim`,
     `psnr`) and, with a reference dataset, vs the clean image at the same identity/split/name
     (`ref_lpips`, ...). Images under 32 px per side, or without a readable reference, get NaN."""
 
-    def __init__(self, reference: str | None, lpips_pretrained: bool):
+    def __init__(self, reference: str | None, lpips_pretrained: bool, weights_dir: str | None = None,
+                 with_lpips: bool = True):
         from raypdm.metrics.faithfulness import FaithfulnessScorer
 
         self.reference = reference
-        self.scorer = FaithfulnessScorer(lpips_pretrained=lpips_pretrained)
+        self.scorer = FaithfulnessScorer(lpips_pretrained=lpips_pretrained, weights_dir=weights_dir,
+                                         with_lpips=with_lpips)
 
     def _reference_image(self, row: dict[str, str]):
         import posixpath

@@ -22,14 +22,15 @@ import math
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from raypdm.config import JobConfig, StrictModel
-from raypdm.data.layout import validate_component
+from raypdm.config import Identities, JobConfig, StrictModel, Uri, validate_section
 from raypdm.data.uri import join
+from raypdm.train.distributed import DistributedConfig
 from raypdm.train.dreambooth import TrainConfig
+from raypdm.train.priors import ClassPriorSection
 
-__all__ = ["ProtectionSpec", "RedteamConfig", "RedteamSampling", "run_redteam", "smoke_overrides"]
+__all__ = ["ProtectionSpec", "RedteamConfig", "RedteamPlan", "RedteamSampling", "run_redteam", "smoke_overrides"]
 
 
 class ProtectionSpec(StrictModel):
@@ -49,19 +50,22 @@ class RedteamSampling(StrictModel):
 
 
 class RedteamConfig(JobConfig):
-    data: str = Field(description="clean dataset root: <identity>/set_A|set_B|set_C")
-    output: str = Field(description="run directory: every stage, the tables and report.html")
-    identities: list[str] | None = None
+    data: Uri = Field(description="clean dataset root: <identity>/set_A|set_B|set_C")
+    output: Uri = Field(description="run directory: every stage, the tables and report.html")
+    identities: Identities = Field(None, description="comma-separated identity folder names, or all")
     protections: list[ProtectionSpec] = Field(default_factory=lambda: [ProtectionSpec(name="aspl")])
     purifiers: list[str] = Field(default_factory=lambda: ["none", "jpeg", "codeformer", "sr", "codesr"])
     purifier_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per purifier name")
     modes: list[Literal["cdl", "vanilla"]] = Field(default_factory=lambda: ["cdl", "vanilla"])
     seeds: list[int] = Field(default_factory=lambda: [0])
+    methods: list[str] | None = Field(
+        None, description="only these '<purifier> + <mode>' combinations (e.g. 'none + vanilla', 'codesr + cdl'); "
+                          "None: every purifier × mode")
     preset: Literal["tiny", "full"] = "tiny"
-    weights_dir: str | None = None
+    weights_dir: Uri | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
-    distributed: dict[str, Any] = Field(default_factory=dict)
-    class_prior: dict[str, Any] = Field(default_factory=dict)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    class_prior: ClassPriorSection = Field(default_factory=ClassPriorSection)
     sampling: RedteamSampling = Field(default_factory=RedteamSampling)
     metrics: list[str] = Field(default_factory=lambda: ["ims", "q", "lpips", "ssim", "ms_ssim", "psnr"])
     lpips_backbone: Literal["pretrained", "random"] = "pretrained"
@@ -70,16 +74,9 @@ class RedteamConfig(JobConfig):
                             description="the method(s) under test in Table 1 ('<purifier> + <mode>')")
     baseline: str = Field("best", description="Table 1's Wilcoxon baseline: 'best' (the strongest method other "
                                               "than `ours`, by mean IMS) or a method such as 'none + vanilla'")
-    benchmark_plots: list[str] | None = Field(
+    benchmark_plots: list[Uri] | None = Field(
         None, description="PNG URIs shown under 'benchmarks' in the report [this checkout's benchmarks/results]")
     grid_images: int = Field(3, ge=1, le=16, description="images per row in the report's grids")
-
-    @field_validator("identities")
-    @classmethod
-    def _safe_identities(cls, v):
-        for ident in v or []:
-            validate_component(ident, "identity")
-        return v
 
     @field_validator("purifiers")
     @classmethod
@@ -93,17 +90,63 @@ class RedteamConfig(JobConfig):
             raise ValueError("give at least one purifier chain ('none' for no purification)")
         return [s.strip().lower() for s in v]
 
+    @field_validator("purifier_options")
+    @classmethod
+    def _known_purifier_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from raypdm.purify import list_purifiers, purifier_options_model
+
+        for name, options in v.items():
+            if name not in list_purifiers():
+                raise ValueError(f"unknown purifier {name!r}; known: {', '.join(list_purifiers())}")
+            validate_section(purifier_options_model(name), options, name)  # under `purifier_options`
+        return v
+
     @field_validator("protections")
     @classmethod
     def _known_protections(cls, v: list[ProtectionSpec]) -> list[ProtectionSpec]:
         from raypdm.pipelines.protect import protection_options
 
-        for p in v:
+        for i, p in enumerate(v):
             if p.label() != "none":
-                protection_options(p.label(), p.options)
+                protection_options(p.label(), p.options, i, "options")  # under `protections`
         if len({p.label() for p in v}) != len(v):
             raise ValueError("protections: each protection may appear once")
         return v
+
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("give at least one '<purifier> + <mode>', or leave it out for every combination")
+        return list(dict.fromkeys("{} + {}".format(*split_method(m)) for m in v))
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> RedteamConfig:
+        for method in self.methods or ():
+            purifier, mode = split_method(method)
+            if purifier not in self.purifiers or mode not in self.modes:
+                raise ValueError(f"methods: {method!r} is not a purifier of `purifiers` ({', '.join(self.purifiers)}) "
+                                 f"with a mode of `modes` ({', '.join(self.modes)})")
+        return self
+
+    def used_purifiers(self) -> list[str]:
+        """The purifier chains some cell trains on (all of `purifiers` unless `methods` leaves some out)."""
+        if self.methods is None:
+            return list(self.purifiers)
+        used = {split_method(m)[0] for m in self.methods}
+        return [p for p in self.purifiers if p in used]
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """'codeformer+sr + cdl' -> ('codeformer+sr', 'cdl'): the mode is what follows the last '+'."""
+    purifier, _, mode = method.rpartition("+")
+    purifier, mode = purifier.strip().lower(), mode.strip().lower()
+    if not purifier or mode not in ("cdl", "vanilla"):
+        raise ValueError(f"{method!r} is not '<purifier> + <mode>' with mode cdl or vanilla")
+    return purifier, mode
 
 
 def smoke_overrides() -> dict[str, Any]:
@@ -144,101 +187,159 @@ class _Cell(StrictModel):
         return f"{self.protection}/{_label(self.purifier)}/{self.mode}/seed{self.seed}"
 
 
-def run_redteam(cfg: RedteamConfig, *, log=print, progress: bool = False) -> dict[str, Any]:
-    """Run (or resume) the whole matrix; returns {"results": DataFrame, "tables": {...}, "report": uri}."""
+class RedteamPlan:
+    """The stage configs of a matrix, built in one place: `run_redteam` runs them, and anything that runs a
+    stage of the matrix first (the demo's story stages) builds it from here, so the matrix finds it finished
+    (same inputs, same config, same output folder: the stages' content-hashed resume skips it)."""
+
+    def __init__(self, cfg: RedteamConfig):
+        self.cfg = cfg
+
+    def protected_uri(self, protection: str) -> str:
+        return self.cfg.data if protection == "none" else join(self.cfg.output, "protect", protection)
+
+    def purified_uri(self, protection: str, purifier: str) -> str:
+        if purifier == "none":
+            return self.protected_uri(protection)
+        return join(self.cfg.output, "purify", protection, _label(purifier))
+
+    def protect_config(self, p: ProtectionSpec):
+        from raypdm.pipelines.protect import ProtectJobConfig
+
+        c = self.cfg
+        return ProtectJobConfig(input=c.data, output=self.protected_uri(p.label()), method=p.label(), options=p.options,
+                                preset=c.preset, weights_dir=c.weights_dir, identities=c.identities, workers=c.workers,
+                                lpips_backbone=c.lpips_backbone)
+
+    def purify_config(self, protection: str, purifier: str):
+        from raypdm.pipelines.purify import PurifyConfig
+        from raypdm.purify import parse_spec
+
+        c = self.cfg
+        opts = {n: c.purifier_options[n] for n in parse_spec(purifier) if n in c.purifier_options}
+        return PurifyConfig(input=self.protected_uri(protection), output=self.purified_uri(protection, purifier),
+                            purifier=purifier, options=opts, preset=c.preset, weights_dir=c.weights_dir,
+                            identities=c.identities, splits=["set_A"], reference=c.data,
+                            lpips_backbone=c.lpips_backbone, workers=c.workers, batch_size=4)
+
+    def cells(self) -> list[_Cell]:
+        c = self.cfg
+        keep = None if c.methods is None else set(c.methods)
+        return [_Cell(protection=p.label(), purifier=spec, mode=m, seed=s)
+                for p in c.protections for spec in c.purifiers for m in c.modes for s in c.seeds
+                if keep is None or f"{spec} + {m}" in keep]
+
+    def train_config(self, cell: _Cell):
+        from raypdm.pipelines.train import TrainJobConfig
+
+        c = self.cfg
+        return TrainJobConfig(
+            data=self.purified_uri(cell.protection, cell.purifier), output=join(c.output, "train", cell.path()),
+            identities=c.identities, preset=c.preset, weights_dir=c.weights_dir, cdl=cell.mode == "cdl",
+            train=c.train.model_copy(update={"seed": cell.seed}), distributed=c.distributed,
+            # One content-keyed cache for every cell: cells with the same prior settings generate it once.
+            class_prior=c.class_prior if c.class_prior.cache else
+            c.class_prior.model_copy(update={"cache": join(c.output, "train", "_class_priors")}),
+        )
+
+    def sample_config(self, cell: _Cell):
+        from raypdm.pipelines.sample import SampleJobConfig
+
+        c, s = self.cfg, self.cfg.sampling
+        return SampleJobConfig(models=join(c.output, "train", cell.path()), output=join(c.output, "sample", cell.path()),
+                               identities=c.identities, workers=c.workers, batch_size=s.batch_size,
+                               sampling={"num_images": s.num_images, "steps": s.steps, "w": s.w, "height": s.size,
+                                         "width": s.size, "seed": cell.seed})
+
+    def evaluate_config(self, cell: _Cell):
+        from raypdm.pipelines.evaluate import EvaluateConfig
+
+        c = self.cfg
+        return EvaluateConfig(images=join(c.output, "sample", cell.path()), reference=c.data,
+                              output=join(c.output, "evaluate", cell.path()), metrics=c.metrics, preset=c.preset,
+                              weights_dir=c.weights_dir, identities=c.identities, lpips_backbone=c.lpips_backbone,
+                              workers=c.workers, settings={"protection": cell.protection, "purifier": cell.purifier,
+                                                           "mode": cell.mode, "seed": str(cell.seed),
+                                                           "method": cell.method})
+
+    def mismatch_config(self):
+        """The CLIP latent-mismatch probe on clean / protected / purified set_A (first protection, every chain);
+        None when the matrix has no protection."""
+        from raypdm.pipelines.evaluate import EvaluateConfig
+
+        c = self.cfg
+        prot = next((p.label() for p in c.protections if p.label() != "none"), None)
+        if prot is None:
+            return None
+        groups = {"protected": self.protected_uri(prot)}
+        for spec in c.used_purifiers():
+            if spec != "none":
+                groups[f"purified_{_label(spec)}"] = self.purified_uri(prot, spec)
+        return EvaluateConfig(images=self.protected_uri(prot), reference=c.data, output=join(c.output, "mismatch"),
+                              metrics=["mismatch"], preset=c.preset, weights_dir=c.weights_dir,
+                              identities=c.identities, mismatch_groups=groups, settings={"protection": prot},
+                              splits=["set_A"])
+
+
+def run_redteam(cfg: RedteamConfig, *, log=print, progress: bool = False, show_stages: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole matrix; returns {"results": DataFrame, "tables": {...}, "report": uri}.
+
+    progress: the live training lines; show_stages: print the stage table at the end."""
     from raypdm.config import save_resolved_config
-    from raypdm.pipelines.evaluate import EvaluateConfig, run_evaluate
-    from raypdm.pipelines.protect import ProtectJobConfig, run_protect
-    from raypdm.pipelines.purify import PurifyConfig, run_purify
-    from raypdm.pipelines.sample import SampleJobConfig, run_sample
-    from raypdm.pipelines.train import TrainJobConfig, run_train_many
+    from raypdm.pipelines.evaluate import run_evaluate
+    from raypdm.pipelines.protect import run_protect
+    from raypdm.pipelines.purify import run_purify
+    from raypdm.pipelines.sample import run_sample
+    from raypdm.pipelines.train import run_train_many
     from raypdm.runtime import init_ray
     from raypdm.ui import stage_summary_table
 
     init_ray()
     t0 = time.perf_counter()
-    out = cfg.output
-    save_resolved_config(cfg, out, "redteam_config.yaml")
+    plan = RedteamPlan(cfg)
+    save_resolved_config(cfg, cfg.output, "redteam_config.yaml")
     summaries: list[Any] = []
-    timings: dict[str, float] = {}
 
     # 1. protections (none = the clean data itself)
     protected: dict[str, str] = {}
     for p in cfg.protections:
-        if p.label() == "none":
-            protected["none"] = cfg.data
-            continue
-        uri = join(out, "protect", p.label())
-        log(f"protect: {p.label()}")
-        pcfg = ProtectJobConfig(input=cfg.data, output=uri, method=p.label(), options=p.options, preset=cfg.preset,
-                                weights_dir=cfg.weights_dir, identities=cfg.identities, workers=cfg.workers,
-                                lpips_backbone=cfg.lpips_backbone)
-        t = time.perf_counter()
-        summaries += run_protect(pcfg)
-        timings[f"protect:{p.label()}"] = time.perf_counter() - t
-        protected[p.label()] = uri
+        if p.label() != "none":
+            log(f"protect: {p.label()}")
+            summaries += run_protect(plan.protect_config(p))
+        protected[p.label()] = plan.protected_uri(p.label())
 
     # 2. purifier chains on each protected set_A (the other splits stay clean references)
     purified: dict[tuple[str, str], str] = {}
-    for prot, src in protected.items():
-        for spec in cfg.purifiers:
-            if spec == "none":
-                purified[(prot, spec)] = src
-                continue
-            from raypdm.purify import parse_spec
-
-            names = parse_spec(spec)
-            uri = join(out, "purify", prot, _label(spec))
-            log(f"purify: {prot} × {spec}")
-            opts = {n: cfg.purifier_options[n] for n in names if n in cfg.purifier_options}
-            pcfg = PurifyConfig(input=src, output=uri, purifier=spec, options=opts, preset=cfg.preset,
-                                weights_dir=cfg.weights_dir, identities=cfg.identities, splits=["set_A"],
-                                reference=cfg.data, lpips_backbone=cfg.lpips_backbone, workers=cfg.workers,
-                                batch_size=4)
-            summaries.append(run_purify(pcfg))
-            purified[(prot, spec)] = uri
+    for prot in protected:
+        for spec in cfg.used_purifiers():
+            if spec != "none":
+                log(f"purify: {prot} × {spec}")
+                summaries.append(run_purify(plan.purify_config(prot, spec)))
+            purified[(prot, spec)] = plan.purified_uri(prot, spec)
 
     # 3-5. train, sample, evaluate each cell
-    cells = [_Cell(protection=p, purifier=c, mode=m, seed=s)
-             for (p, c) in purified for m in cfg.modes for s in cfg.seeds]
+    cells = plan.cells()
     # All cells' identities train in one Ray Tune fan-out: they share the cluster's GPUs at once.
-    train_cfgs = [
-        TrainJobConfig(
-            data=purified[(cell.protection, cell.purifier)], output=join(out, "train", cell.path()),
-            identities=cfg.identities or "all", preset=cfg.preset, weights_dir=cfg.weights_dir,
-            cdl=cell.mode == "cdl", train=cfg.train.model_copy(update={"seed": cell.seed}),
-            distributed=cfg.distributed, class_prior=cfg.class_prior,
-        )
-        for cell in cells
-    ]
+    train_cfgs = [plan.train_config(cell) for cell in cells]
     log(f"train: {len(cells)} cells (protection × purifier × mode × seed)")
-    for cell, tcfg, outcomes in zip(cells, train_cfgs, run_train_many(train_cfgs, log=lambda msg: None)):
+    for cell, tcfg, outcomes in zip(cells, train_cfgs, run_train_many(train_cfgs, log=lambda msg: None, progress=progress)):
         failed = [o["identity"] for o in outcomes if o["status"] == "failed"]
         if failed:
             log(f"  {cell.path()}: training failed for {failed}: see {tcfg.output}/train_summary.parquet")
     eval_dirs: list[tuple[_Cell, str]] = []
-    for i, (cell, tcfg) in enumerate(zip(cells, train_cfgs), 1):
+    for i, cell in enumerate(cells, 1):
         log(f"sample + evaluate {i}/{len(cells)}: {cell.path()}")
-        samples = join(out, "sample", cell.path())
-        s = cfg.sampling
-        scfg = SampleJobConfig(models=tcfg.output, output=samples, workers=cfg.workers, batch_size=s.batch_size,
-                               sampling={"num_images": s.num_images, "steps": s.steps, "w": s.w, "height": s.size,
-                                         "width": s.size, "seed": cell.seed})
-        summaries.append(run_sample(scfg))
-        evals = join(out, "evaluate", cell.path())
-        ecfg = EvaluateConfig(images=samples, reference=cfg.data, output=evals, metrics=cfg.metrics,
-                              preset=cfg.preset, weights_dir=cfg.weights_dir, lpips_backbone=cfg.lpips_backbone,
-                              workers=cfg.workers, settings={"protection": cell.protection, "purifier": cell.purifier,
-                                                             "mode": cell.mode, "seed": str(cell.seed),
-                                                             "method": cell.method})
+        summaries.append(run_sample(plan.sample_config(cell)))
+        ecfg = plan.evaluate_config(cell)
         summaries.append(run_evaluate(ecfg))
-        eval_dirs.append((cell, evals))
+        eval_dirs.append((cell, ecfg.output))
 
     results = _collect(eval_dirs)
     tables = _tables(cfg, results, purified)
-    plots = _mismatch(cfg, protected, purified)
+    plots = _mismatch(plan)
     report = _report(cfg, results, tables, plots, protected, purified, time.perf_counter() - t0)
-    stage_summary_table(summaries, title="red-team stages")
+    if show_stages:
+        stage_summary_table(summaries, title="red-team stages")
     return {"results": results, "tables": tables, "report": report, "seconds": time.perf_counter() - t0,
             "summaries": summaries}
 
@@ -318,24 +419,14 @@ def _has(spec: str, name: str) -> bool:
     return name in parse_spec(spec)
 
 
-def _mismatch(cfg: RedteamConfig, protected: dict[str, str], purified: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
-    """The CLIP latent-mismatch probe on clean / protected / purified set_A (first protection, every chain)."""
-    from raypdm.pipelines.evaluate import EvaluateConfig, run_evaluate
+def _mismatch(plan: RedteamPlan) -> list[tuple[str, str]]:
+    from raypdm.pipelines.evaluate import run_evaluate
 
-    prot = next((p for p in protected if p != "none"), None)
-    if prot is None:
+    ecfg = plan.mismatch_config()
+    if ecfg is None:
         return []
-    groups = {"protected": protected[prot]}
-    for (p, spec), uri in purified.items():
-        if p == prot and spec != "none":
-            groups[f"purified:{spec}"] = uri
-    out = join(cfg.output, "mismatch")
-    ecfg = EvaluateConfig(images=protected[prot], reference=cfg.data, output=out, metrics=["mismatch"],
-                          preset=cfg.preset, weights_dir=cfg.weights_dir, identities=cfg.identities,
-                          mismatch_groups={k.replace(":", "_").replace("+", "_"): v for k, v in groups.items()},
-                          settings={"protection": prot}, splits=["set_A"])
     run_evaluate(ecfg)
-    return [("CLIP latent mismatch: clean vs protected vs purified", join(out, "mismatch.png"))]
+    return [("CLIP latent mismatch: clean vs protected vs purified", join(ecfg.output, "mismatch.png"))]
 
 
 def _checkout_benchmark_plots() -> list[str]:
@@ -389,7 +480,8 @@ def _report(cfg: RedteamConfig, results, tables, plots, protected, purified, sec
         title="raypdm red-team report",
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
         facts={"data": cfg.data, "identities": str(len(identities)), "protections": ", ".join(protected),
-               "purifiers": ", ".join(cfg.purifiers), "modes": ", ".join(cfg.modes), "preset": cfg.preset,
+               "purifiers": ", ".join(cfg.used_purifiers()), "modes": ", ".join(cfg.modes),
+               **({"methods": ", ".join(cfg.methods)} if cfg.methods else {}), "preset": cfg.preset,
                "rows": str(len(results)), "seconds": f"{seconds:.0f}"},
         grids=grids, tables=table_refs, plots=plot_refs,
     )

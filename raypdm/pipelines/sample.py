@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from raypdm.config import JobConfig, config_hash
+from raypdm.config import Identities, JobConfig, Uri, config_hash
 from raypdm.data.layout import LayoutError, validate_component
 from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME, Manifest, conform, row_key
 from raypdm.pipelines.stage import StageSummary
@@ -85,23 +85,14 @@ def prompt_slug(prompt: str) -> str:
 
 
 class SampleJobConfig(JobConfig):
-    models: str = Field(description="training output root (fsspec URI) with <identity>/export/ pipelines")
-    output: str = Field(description="output root (fsspec URI): images + manifest.parquet + config.yaml")
-    identities: list[str] | None = Field(None, description="identities to sample (default: every export)")
+    models: Uri = Field(description="training output root (fsspec URI) with <identity>/export/ pipelines")
+    output: Uri = Field(description="output root (fsspec URI): images + manifest.parquet + config.yaml")
+    identities: Identities = Field(None, description="identities to sample (default: every export)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     workers: int = Field(1, ge=1, le=10_000)
     gpus_per_worker: float = Field(1.0, ge=0, le=8)
     batch_size: int = Field(8, ge=1, le=1024, description="images per work unit (one identity, one prompt)")
     max_cached_models: int = Field(2, ge=1, le=16, description="pipelines each actor keeps loaded")
-
-    @field_validator("identities")
-    @classmethod
-    def _safe_identities(cls, v: list[str] | None) -> list[str] | None:
-        for ident in v or []:
-            validate_component(ident, "identity")
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"identities listed twice: {sorted({i for i in v if v.count(i) > 1})}")
-        return v
 
     @model_validator(mode="after")
     def _distinct_slugs(self) -> SampleJobConfig:

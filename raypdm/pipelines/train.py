@@ -8,6 +8,11 @@ many identities train at once, the cluster packs their workers onto its GPUs, a 
 retried (`retries`) and never stops the others, and the result grid becomes a summary table and
 `<output>/train_summary.parquet`. Identities whose export already exists for the same config are
 skipped, so a re-run trains only what is missing.
+
+While the fan-out runs, each identity's rank 0 streams its progress (step/total, loss, s/step, ETA) to a
+progress board that the driver polls (raypdm.train.progress) and shows as one live line per identity
+(`progress=True` on a terminal) or as throttled plain lines through `log`. Metrics and validation images
+go to `<output>/<identity>/tensorboard/` (and W&B / MLflow with `log_to`; raypdm.train.loggers).
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from raypdm.config import JobConfig, config_hash
-from raypdm.data.layout import list_images, validate_component
+from raypdm.config import Identities, JobConfig, Uri, config_hash
+from raypdm.data.layout import list_images
 from raypdm.data.uri import exists, join, read_bytes, write_bytes
+from raypdm.train.distributed import DistributedConfig
 from raypdm.train.dreambooth import TrainConfig
+from raypdm.train.loggers import LoggerName, TrackingConfig, TrainLogging, check_backends
+from raypdm.train.priors import ClassPriorConfig, ClassPriorSection
 from raypdm.train.prompts import CDLPrompts, cdl_prompts
 
 __all__ = ["TrainJobConfig", "IdentityOutcome", "run_train", "run_train_many"]
@@ -31,29 +39,39 @@ DONE_FILE = "train_done.json"
 
 
 class TrainJobConfig(JobConfig):
-    data: str = Field(description="dataset root (fsspec URI); trains on each identity's set_A")
-    output: str = Field(description="output root: <output>/<identity>/export is a diffusers pipeline")
-    identities: list[str] | Literal["all"] = "all"
+    data: Uri = Field(description="dataset root (fsspec URI); trains on each identity's set_A")
+    output: Uri = Field(description="output root: <output>/<identity>/export is a diffusers pipeline")
+    identities: Identities = Field(None, description="comma-separated identity folder names, or all")
     preset: Literal["tiny", "full"] = "tiny"
-    weights_dir: str | None = None
+    weights_dir: Uri | None = None
     prompt_preset: Literal["paper", "official-code"] = "paper"
     noise_token: str | None = Field(None, description="CDL noise token (preset default: 't@j' / 'bhj')")
     cdl: bool = Field(True, description="False: vanilla DreamBooth (no noise-token suffixes)")
     train: TrainConfig = Field(default_factory=TrainConfig)
-    distributed: dict[str, Any] = Field(default_factory=dict, description="DistributedConfig fields")
-    class_prior: dict[str, Any] = Field(default_factory=dict, description="ClassPriorConfig fields")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    class_prior: ClassPriorSection = Field(default_factory=ClassPriorSection)
     max_concurrent: int | None = Field(None, ge=1, description="identities training at once (None: as fit)")
     retries: int = Field(1, ge=0, description="extra attempts for an identity whose run fails")
+    log_to: list[LoggerName] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where each identity's metrics and validation images go (<output>/<identity>/tensorboard)",
+    )
+    validation_every: int = Field(100, ge=0, description="steps between validation images (and at the end); 0: none")
+    validation_images: int = Field(2, ge=0, le=16, description="images each time, drawn with the model being trained")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    @field_validator("identities")
+    @field_validator("log_to")
     @classmethod
-    def _safe(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("give at least one identity, or 'all'")
-            for ident in v:
-                validate_component(ident, "identity")
-        return v
+    def _installed(cls, v: list[str]) -> list[str]:
+        return check_backends(v)
+
+    @model_validator(mode="after")
+    def _mlflow_store(self) -> TrainJobConfig:
+        if "mlflow" in self.log_to and not self.tracking.mlflow_tracking_uri:
+            from raypdm.train.loggers import default_mlflow_uri
+
+            default_mlflow_uri(self.output)  # a cloud output without a tracking URI fails here, not on a worker
+        return self
 
     def prompts(self) -> CDLPrompts:
         overrides: dict[str, Any] = {"cdl": self.cdl}
@@ -61,17 +79,23 @@ class TrainJobConfig(JobConfig):
             overrides["token"] = self.noise_token
         return cdl_prompts(self.prompt_preset, **overrides)
 
-    def distributed_config(self):
-        from raypdm.train.distributed import DistributedConfig
+    def distributed_config(self) -> DistributedConfig:
+        return self.distributed
 
-        return DistributedConfig.model_validate(self.distributed)
+    def class_prior_config(self) -> ClassPriorConfig:
+        return self.class_prior.resolve(preset=self.preset, weights_dir=self.weights_dir,
+                                        prompt=self.prompts().prior_generation_prompt(),
+                                        resolution=self.train.resolution)
 
-    def class_prior_config(self):
-        from raypdm.train.priors import ClassPriorConfig
+    def logging_config(self, label: str = "") -> TrainLogging:
+        """What each identity's rank 0 logs (`label`: its name in the trackers and the display)."""
+        tracking = self.tracking
+        if "mlflow" in self.log_to and not tracking.mlflow_tracking_uri:
+            from raypdm.train.loggers import default_mlflow_uri
 
-        fields = {"preset": self.preset, "weights_dir": self.weights_dir, **self.class_prior}
-        fields.setdefault("prompt", self.prompts().prior_generation_prompt())
-        return ClassPriorConfig.model_validate(fields)
+            tracking = tracking.model_copy(update={"mlflow_tracking_uri": default_mlflow_uri(self.output)})
+        return TrainLogging(log_to=self.log_to, validation_every=self.validation_every,
+                            validation_images=self.validation_images, tracking=tracking, label=label)
 
 
 class IdentityOutcome(dict):
@@ -79,9 +103,9 @@ class IdentityOutcome(dict):
 
 
 def _identities(cfg: TrainJobConfig) -> list[str]:
-    refs, _ = list_images(cfg.data, identities=None if cfg.identities == "all" else cfg.identities, splits=["set_A"])
+    refs, _ = list_images(cfg.data, identities=cfg.identities, splits=["set_A"])
     found = sorted({r.identity for r in refs if r.error is None})
-    if cfg.identities != "all":
+    if cfg.identities is not None:
         missing = sorted(set(cfg.identities) - set(found))
         if missing:
             raise ValueError(f"identities without set_A images under {cfg.data}: {', '.join(missing)}")
@@ -90,7 +114,7 @@ def _identities(cfg: TrainJobConfig) -> list[str]:
     return found
 
 
-def _identity_trial(config: dict) -> None:
+def _identity_trial(config: dict, board=None) -> None:
     """One Tune trial: train one identity with Ray Train and report its summary."""
     from ray import tune
 
@@ -98,7 +122,7 @@ def _identity_trial(config: dict) -> None:
 
     spec = config["spec"]
     job = IdentityTrainJob.model_validate(spec["job"])
-    result = run_identity_training(job)
+    result = run_identity_training(job, progress=board)
     done = {"identity": job.identity, "config_hash": spec["config_hash"], "steps": result.steps,
             "final_loss": result.final_loss, "export": result.export_uri, "seconds": result.seconds}
     write_bytes(join(job.output, DONE_FILE), json.dumps(done).encode())
@@ -117,9 +141,12 @@ def _already_done(output: str, chash: str) -> dict | None:
     return done if done.get("config_hash") == chash and exists(done.get("export", "")) else None
 
 
-def run_train(cfg: TrainJobConfig, *, log=print) -> list[IdentityOutcome]:
-    """Train every chosen identity (concurrently) and return one outcome per identity."""
-    return run_train_many([cfg], log=log)[0]
+def run_train(cfg: TrainJobConfig, *, log=print, progress: bool = True) -> list[IdentityOutcome]:
+    """Train every chosen identity (concurrently) and return one outcome per identity.
+
+    progress: one live line per identity on a terminal; off (or without a terminal), a plain progress line
+    per identity through `log` every few seconds."""
+    return run_train_many([cfg], log=log, progress=progress)[0]
 
 
 def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
@@ -127,7 +154,7 @@ def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
     from raypdm.config import save_resolved_config
     from raypdm.runtime import ray_resources
     from raypdm.train.distributed import IdentityTrainJob
-    from raypdm.train.priors import generate_class_images
+    from raypdm.train.priors import class_prior_cache, generate_class_images
 
     identities = _identities(cfg)
     prompts = cfg.prompts()
@@ -136,20 +163,27 @@ def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
         # A GPU request on a GPU-less cluster would wait forever; train on the CPU instead, and say so.
         log("no GPUs in the Ray cluster: training on the CPU (gpus_per_worker 0)")
         dist = dist.model_copy(update={"gpus_per_worker": 0.0})
+    _say_optimizer(cfg.train, dist, log)
     prior_cfg = cfg.class_prior_config()
+    logs = cfg.logging_config()
+    if "mlflow" in logs.log_to:
+        from raypdm.train.loggers import prepare_mlflow_experiment
+
+        # Once, here: concurrent workers would race to create it (and a bad URI fails before training).
+        prepare_mlflow_experiment(logs.tracking.mlflow_tracking_uri, logs.tracking.mlflow_experiment)
     save_resolved_config(cfg, cfg.output, "train_config.yaml")
 
     log(f"class priors: {prior_cfg.count} images of {prior_cfg.prompt!r} (cached, shared by every identity)")
-    class_images = generate_class_images(prior_cfg, join(cfg.output, "_class_priors"))
+    class_images = generate_class_images(prior_cfg, class_prior_cache(cfg.class_prior, cfg.output))
 
     done_outcomes: list[IdentityOutcome] = []
     jobs = []
     for ident in identities:
         job = IdentityTrainJob(identity=ident, data=cfg.data, output=join(cfg.output, ident), class_images=class_images,
                                preset=cfg.preset, weights_dir=cfg.weights_dir, train=cfg.train, prompts=prompts,
-                               distributed=dist)
-        # What makes this identity's model: everything but where it is written.
-        chash = config_hash({**job.model_dump(mode="json", exclude={"output", "class_images"}),
+                               distributed=dist, logs=logs)
+        # What makes this identity's model: everything but where it is written and what is logged.
+        chash = config_hash({**job.model_dump(mode="json", exclude={"output", "class_images", "logs"}),
                              "class_prior": prior_cfg.model_dump(mode="json")})
         done = _already_done(job.output, chash)
         if done:
@@ -161,29 +195,74 @@ def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
     return done_outcomes, jobs
 
 
+def _say_optimizer(train: TrainConfig, dist, log) -> None:
+    """The driver says when the paper's 8-bit AdamW cannot be used (the workers' own logs are not shown)."""
+    if train.optimizer != "adamw8bit":
+        return
+    from raypdm.train.distributed import deepspeed_optimizer
+    from raypdm.train.dreambooth import _bitsandbytes_available
+
+    import torch
+
+    # What the workers will see: a CUDA device when they ask for GPUs (the driver may have none itself).
+    device = torch.device("cuda" if dist.use_gpu else "cpu")
+    if dist.backend == "deepspeed":
+        _, note = deepspeed_optimizer(train, dist, device)
+    elif not dist.use_gpu or not _bitsandbytes_available():
+        note = "optimizer adamw8bit needs a CUDA device and bitsandbytes (pip install 'raypdm[gpu]')"
+    else:
+        note = None
+    if note:
+        log(note)
+
+
+def _labels(jobs: list[dict]) -> list[str]:
+    """Short unique names for the runs: their output paths without the part they all share
+    (`id000`, or `none/cdl/seed0/astronaut` across the cells of a red-team matrix)."""
+    parts = [job["job"]["output"].rstrip("/").split("/") for job in jobs]
+    common = 0
+    while len(parts) > 1 and all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    if len(parts) == 1:
+        common = len(parts[0]) - 1
+    return ["/".join(p[common:]) for p in parts]
+
+
 def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = None,
-                   log=print) -> list[list[IdentityOutcome]]:
+                   log=print, progress: bool = True) -> list[list[IdentityOutcome]]:
     """Train the identities of several configs (e.g. the cells of a red-team matrix) in ONE Ray Tune
     fan-out, so they all share the cluster at once; returns the outcomes per config, in order."""
     from ray import tune
 
     from raypdm.runtime import init_ray
+    from raypdm.train.progress import follow, start_board
+    from raypdm.ui import TrainProgressView
 
     init_ray()
     t0 = time.perf_counter()
-    planned = [_plan(cfg, log) for cfg in cfgs]
+    said: set[str] = set()
+
+    def once(message: str) -> None:  # the cells of a matrix share their class priors and notes: say each once
+        if message not in said:
+            said.add(message)
+            log(message)
+
+    planned = [_plan(cfg, once) for cfg in cfgs]
     outcomes: list[list[IdentityOutcome]] = [list(done) for done, _ in planned]
     jobs = []
     for k, (_, specs) in enumerate(planned):
         jobs += [{**spec, "cell": k} for spec in specs]
+    for job, label in zip(jobs, _labels(jobs)):
+        job["job"]["logs"]["label"] = label
     if jobs:
         limit = max_concurrent or (cfgs[0].max_concurrent if len(cfgs) == 1 else None) or len(jobs)
         workers = int(jobs[0]["job"].get("distributed", {}).get("workers", 1))
         log(f"training {len(jobs)} identities ({sum(len(o) for o in outcomes)} already done), "
             f"{workers} worker(s) each, at most {limit} at once")
+        board = start_board()
         tuner = tune.Tuner(
             # The trial itself only drives a TorchTrainer; its workers ask for the real resources.
-            tune.with_resources(_identity_trial, {"cpu": 0.01}),
+            tune.with_resources(tune.with_parameters(_identity_trial, board=board), {"cpu": 0.01}),
             param_space={"spec": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(max_concurrent_trials=limit),
             run_config=tune.RunConfig(
@@ -193,7 +272,14 @@ def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = N
                 verbose=0,
             ),
         )
-        grid = tuner.fit()
+        view = TrainProgressView([j["job"]["logs"]["label"] for j in jobs],
+                                 {j["job"]["logs"]["label"]: j["job"]["train"]["steps"] for j in jobs},
+                                 live=progress, log=log)
+        try:
+            with view, follow(board, view.update):
+                grid = tuner.fit()
+        finally:
+            _stop(board)
         for res in grid:
             spec = res.config["spec"]
             ident, k = spec["job"]["identity"], spec["cell"]
@@ -214,6 +300,15 @@ def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = N
         f"{sum(o['status'] == 'skipped' for o in flat)} skipped, {sum(o['status'] == 'failed' for o in flat)} "
         f"failed in {time.perf_counter() - t0:.1f} s")
     return outcomes
+
+
+def _stop(board) -> None:
+    import ray
+
+    try:
+        ray.kill(board)
+    except Exception:  # already gone with the cluster
+        pass
 
 
 def _short(error: BaseException | None) -> str:

@@ -71,7 +71,8 @@ class Glaze(PGDImageProtection):
         self.pretrained_lpips = self.options.lpips_backbone == "pretrained" or (
             self.options.lpips_backbone == "auto" and self.context.preset == "full"
         )
-        self.lpips = load_lpips(self.device, pretrained_backbone=self.pretrained_lpips).requires_grad_(False)
+        self.lpips = load_lpips(self.device, pretrained_backbone=self.pretrained_lpips,
+                                weights_dir=self.context.weights_dir).requires_grad_(False)
 
     def config_dict(self) -> dict:
         return {**super().config_dict(), "lpips_pretrained": self.pretrained_lpips}

@@ -52,8 +52,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import warnings
 from typing import Literal
 
 import numpy as np
@@ -98,39 +96,30 @@ class ImpressOptions(PurifierOptions):
     )
 
 
-def vgg16_weights_path() -> str:
-    """Where torchvision looks for the ImageNet VGG16 weights that LPIPS-VGG's trunk loads."""
-    from torchvision.models import VGG16_Weights
+def vgg16_weights_path(weights_dir: str | None = None) -> str:
+    """Where LPIPS-VGG's ImageNet VGG16 trunk is read from: ``<weights_dir>/lpips-vgg/`` when that holds it
+    (or when torchvision's cache does not), else torchvision's cache under ``TORCH_HOME``."""
+    from raypdm.models.lpips_trunks import find_trunk, trunk_candidates
 
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
+    found = find_trunk("vgg", weights_dir)
+    return str(found if found is not None else trunk_candidates("vgg", weights_dir)[0])
 
 
-def load_lpips_vgg(device: str | torch.device = "cpu", pretrained_backbone: bool = False) -> torch.nn.Module:
+def load_lpips_vgg(
+    device: str | torch.device = "cpu", pretrained_backbone: bool = False, weights_dir: str | None = None
+) -> torch.nn.Module:
     """LPIPS-VGG (v0.1 linear layers, shipped with ``lpips``) in eval mode; never touches the network.
 
-    Mirrors ``raypdm.metrics.faithfulness.load_lpips`` (which is AlexNet only): a missing ImageNet file
-    is a FileNotFoundError naming it; a random trunk is seeded without disturbing the caller's RNG.
+    Mirrors ``raypdm.metrics.faithfulness.load_lpips``: the ImageNet VGG16 file comes from
+    ``<weights_dir>/lpips-vgg/`` or torchvision's cache, sha256-checked (a missing one is a
+    ``MissingWeightsError`` naming both places and the fetch command); a random trunk is seeded without
+    disturbing the caller's RNG.
     """
-    import lpips
+    from raypdm.models.lpips_trunks import build_lpips, load_lpips_net
 
     if pretrained_backbone:
-        path = vgg16_weights_path()
-        if not os.path.isfile(path):
-            from torchvision.models import VGG16_Weights
-
-            raise FileNotFoundError(
-                f"IMPRESS with lpips_net='vgg' needs torchvision's ImageNet VGG16 file {path} (set TORCH_HOME to "
-                f"move it). Fetch it on a machine with network access with `python -c \"import torchvision; "
-                f"torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` or download {VGG16_Weights.IMAGENET1K_V1.url} "
-                "and copy it there; or set options.impress.lpips_backbone=random (tests and smoke runs only)."
-            )
-    rng = torch.random.fork_rng(devices=[]) if not pretrained_backbone else contextlib.nullcontext()
-    with rng, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips' `pretrained=` call
-        if not pretrained_backbone:
-            torch.manual_seed(LPIPS_RANDOM_SEED)
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
-    return model.eval().to(device)
+        return load_lpips_net("vgg", device, weights_dir)
+    return build_lpips("vgg", device)
 
 
 def _load_vae(context: BuildContext, device: torch.device):
@@ -168,9 +157,9 @@ class ImpressPurifier(Purifier):
         pretrained = o.lpips_backbone == "pretrained"
         # LPIPS first: a missing ImageNet file should fail before the VAE is loaded.
         if o.lpips_net == "vgg":
-            self.lpips = load_lpips_vgg(self.device, pretrained_backbone=pretrained)
+            self.lpips = load_lpips_vgg(self.device, pretrained_backbone=pretrained, weights_dir=context.weights_dir)
         else:
-            self.lpips = load_lpips(self.device, pretrained_backbone=pretrained)
+            self.lpips = load_lpips(self.device, pretrained_backbone=pretrained, weights_dir=context.weights_dir)
         self.lpips.requires_grad_(False)
         self.vae, self.weights = _load_vae(context, self.device)
         self.vae.requires_grad_(False)  # only x is optimised

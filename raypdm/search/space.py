@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from raypdm.config import StrictModel
+from raypdm.config import StrictModel, Uri
 
 __all__ = ["TOKEN_PRESETS", "SearchSpace", "class_suffix_for", "generated_tokens", "rare_tokens", "random_tokens"]
 
@@ -87,7 +87,7 @@ class SearchSpace(StrictModel):
     w: list[float] = Field(default_factory=lambda: [7.5], min_length=1, description="decoupled-guidance weights")
     w_range: tuple[float, float, int] | None = Field(None, description="(low, high, count): adds evenly spaced w values")
     negative_prompts: list[str] = Field(default_factory=lambda: ["noisy, abstract, pattern, low quality"], min_length=1)
-    data: dict[str, str] = Field(default_factory=dict,
+    data: dict[str, Uri] = Field(default_factory=dict,
                                  description="training-data variants, name -> dataset URI (protection × purifier)")
 
     @field_validator("tokens")

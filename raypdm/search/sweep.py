@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raypdm.config import JobConfig, StrictModel
-from raypdm.data.layout import validate_component
+from raypdm.config import Identities, JobConfig, StrictModel, Uri
 from raypdm.search.space import SearchSpace
 from raypdm.train.dreambooth import TrainConfig
+from raypdm.train.priors import ClassPriorSection
 
 __all__ = ["SweepConfig", "SweepSampling", "ASHAConfig", "run_sweep"]
 
@@ -51,12 +51,12 @@ class ASHAConfig(StrictModel):
 
 
 class SweepConfig(JobConfig):
-    output: str = Field(description="output root: results.parquet, best.json, sweep_scores.png, trials/, _tune/")
-    data: str | None = Field(None, description="training data (protected or purified dataset); or space.data variants")
-    reference: str = Field(description="clean dataset root: IMS compares with each identity's set_B")
-    identities: list[str] | Literal["all"] = "all"
+    output: Uri = Field(description="output root: results.parquet, best.json, sweep_scores.png, trials/, _tune/")
+    data: Uri | None = Field(None, description="training data (protected or purified dataset); or space.data variants")
+    reference: Uri = Field(description="clean dataset root: IMS compares with each identity's set_B")
+    identities: Identities = Field(None, description="comma-separated identity folder names, or all")
     preset: Literal["tiny", "full"] = "tiny"
-    weights_dir: str | None = None
+    weights_dir: Uri | None = None
     prompt_preset: Literal["paper", "official-code"] = "paper"
     space: SearchSpace
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000))
@@ -73,18 +73,8 @@ class SweepConfig(JobConfig):
     cpus_per_trial: float = Field(0.5, gt=0, description="CPU share of a trial on CPU-only clusters")
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(1, ge=0, description="retries of a failing trial before it is recorded as an error")
-    class_prior: dict[str, Any] = Field(default_factory=dict, description="ClassPriorConfig fields")
+    class_prior: ClassPriorSection = Field(default_factory=ClassPriorSection)
     seed: int = Field(0, ge=0)
-
-    @field_validator("identities")
-    @classmethod
-    def _safe(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("give at least one identity, or 'all'")
-            for ident in v:
-                validate_component(ident, "identity")
-        return v
 
     @model_validator(mode="after")
     def _has_data(self) -> SweepConfig:
@@ -103,7 +93,7 @@ class SweepConfig(JobConfig):
     def identity_list(self, data_uri: str) -> list[str]:
         from raypdm.data.layout import list_images
 
-        refs, _ = list_images(data_uri, identities=None if self.identities == "all" else self.identities,
+        refs, _ = list_images(data_uri, identities=self.identities,
                               splits=["set_A"])
         found = sorted({r.identity for r in refs if r.error is None})
         if not found:
@@ -171,7 +161,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     from raypdm.config import save_resolved_config
     from raypdm.data.uri import join
     from raypdm.runtime import init_ray
-    from raypdm.train.priors import ClassPriorConfig, generate_class_images
+    from raypdm.train.priors import class_prior_cache, generate_class_images
     from raypdm.train.prompts import cdl_prompts
 
     init_ray()
@@ -180,11 +170,12 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     data_names = sorted(cfg.data_uris())
     for name, uri in cfg.data_uris().items():
         cfg.identity_list(uri)  # fail now, in the driver, on an empty dataset
-    prior = ClassPriorConfig.model_validate({"preset": cfg.preset, "weights_dir": cfg.weights_dir,
-                                             "prompt": cdl_prompts(cfg.prompt_preset).prior_generation_prompt(),
-                                             "resolution": cfg.train.resolution, **cfg.class_prior})
-    log(f"class priors: {prior.count} images (cached under {join(cfg.output, '_class_priors')})")
-    class_images = generate_class_images(prior, join(cfg.output, "_class_priors"))
+    prior = cfg.class_prior.resolve(preset=cfg.preset, weights_dir=cfg.weights_dir,
+                                    prompt=cdl_prompts(cfg.prompt_preset).prior_generation_prompt(),
+                                    resolution=cfg.train.resolution)
+    cache = class_prior_cache(cfg.class_prior, cfg.output)
+    log(f"class priors: {prior.count} images (cached under {cache})")
+    class_images = generate_class_images(prior, cache)
 
     space = cfg.space.tune_space(_tokenizer(cfg), cfg.search, data_names)
     n_identities = max(len(cfg.identity_list(u)) for u in cfg.data_uris().values())

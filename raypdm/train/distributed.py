@@ -20,6 +20,12 @@ Storage (`<output>`, any URI Ray Train accepts):
     attempts/             one marker per worker-group start (how `attempts` is counted)
     export/               the final diffusers pipeline (safetensors) + cdl_prompts.json
 
+    tensorboard/          rank 0's TensorBoard events: loss, lr, s/step, val_loss, validation images
+                          (and W&B / MLflow runs when `job.logs.log_to` asks; see raypdm.train.loggers)
+
+While it trains, rank 0 sends a progress record (step, loss, s/step, ETA, phase) to the driver's progress
+board at most once a second (`run_identity_training(job, progress=board)`, raypdm.train.progress).
+
 A restarted worker group (FailureConfig) or a rerun with the same output resumes from the checkpoint
 and continues the step count. Reported metrics: `step` (optimisation steps completed), `loss`,
 `instance_loss`, `prior_loss` (means over ranks), `lr`, `attempt`, `start_step`, and every
@@ -47,7 +53,9 @@ from pydantic import Field, field_validator, model_validator
 
 from raypdm.config import StrictModel
 from raypdm.data.layout import validate_component
-from raypdm.train.dreambooth import WEIGHT_FILES, DreamBoothTrainer, TrainConfig, dreambooth_loss
+from raypdm.train.dreambooth import WEIGHT_FILES, DreamBoothTrainer, TrainConfig, _bitsandbytes_available, dreambooth_loss
+from raypdm.train.loggers import TrainLogging, open_loggers
+from raypdm.train.progress import ProgressReporter
 from raypdm.train.prompts import CDLPrompts
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "IdentityTrainResult",
     "StepHook",
     "deepspeed_config",
+    "deepspeed_optimizer",
     "run_identity_training",
 ]
 
@@ -119,6 +128,7 @@ class IdentityTrainJob(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     prompts: CDLPrompts = Field(default_factory=CDLPrompts)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    logs: TrainLogging = Field(default_factory=TrainLogging, description="loggers and validation images (rank 0)")
 
     @field_validator("identity")
     @classmethod
@@ -307,7 +317,7 @@ class DreamBoothModule(torch.nn.Module):
 
 def _validation_batch(trainer: DreamBoothTrainer):
     """Fixed held-out noise and timesteps over (up to) the first VAL_MAX_IMAGES latents of each half."""
-    _, inst, cls = trainer._latents
+    inst, cls = trainer.cached_latents()
     inst, cls = inst[:VAL_MAX_IMAGES], cls[:VAL_MAX_IMAGES]
     g = torch.Generator().manual_seed(trainer.cfg.seed * 1_000_003 + _VAL_STREAM)
     n = len(inst) + len(cls)
@@ -351,6 +361,36 @@ def deepspeed_config(train: TrainConfig, dist: DistributedConfig, world_size: in
     return cfg
 
 
+def deepspeed_optimizer(train: TrainConfig, dist: DistributedConfig, device: torch.device) -> tuple[str, str | None]:
+    """Which optimizer a DeepSpeed engine steps, and a note when that is not what `train.optimizer` asked:
+    "adamw8bit" (bitsandbytes' AdamW8bit, the paper's; needs CUDA and bitsandbytes), "adamw" (torch) or
+    "deepspeed-adamw" (DeepSpeed's CPU Adam, the only one that steps offloaded optimizer state)."""
+    wanted = train.optimizer
+    if dist.offload_optimizer:
+        note = None
+        if wanted == "adamw8bit":
+            note = "optimizer adamw8bit cannot step ZeRO-Offload's CPU state: using DeepSpeed's CPU AdamW"
+        return "deepspeed-adamw", note
+    if wanted == "adamw":
+        return "adamw", None
+    if device.type == "cuda" and _bitsandbytes_available():
+        return "adamw8bit", None
+    missing = "a CUDA device" if device.type != "cuda" else "bitsandbytes (pip install 'raypdm[gpu]')"
+    if wanted == "auto" and device.type != "cuda":
+        return "adamw", None  # the CPU default: 8-bit Adam is a GPU memory saving
+    return "adamw", f"optimizer {wanted}: 8-bit AdamW needs {missing}; using torch AdamW (fp32 optimizer state)"
+
+
+def _client_optimizer(name: str, params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                  weight_decay=train.weight_decay)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def _read_state(directory: Path) -> dict:
     return json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
 
@@ -381,17 +421,15 @@ class _DeepSpeedBackend:
             _load_weights(trainer.parts, ckpt_dir)
         self.module = DreamBoothModule(trainer)
         cfg = deepspeed_config(trainer.cfg, self.dist, trainer.world_size, self.bf16)
+        self.optimizer_name, note = deepspeed_optimizer(trainer.cfg, self.dist, trainer.device)
+        if note and trainer.rank == 0:
+            log.warning(note)
         kwargs: dict[str, Any] = {"model": self.module, "config": cfg}
+        params = [p for p in self.module.parameters() if p.requires_grad]
         if "optimizer" not in cfg:
-            kwargs["optimizer"] = torch.optim.AdamW(
-                [p for p in self.module.parameters() if p.requires_grad],
-                lr=trainer.cfg.lr,
-                betas=(trainer.cfg.adam_beta1, trainer.cfg.adam_beta2),
-                eps=trainer.cfg.adam_eps,
-                weight_decay=trainer.cfg.weight_decay,
-            )
+            kwargs["optimizer"] = _client_optimizer(self.optimizer_name, params, trainer.cfg)
         else:
-            kwargs["model_parameters"] = [p for p in self.module.parameters() if p.requires_grad]
+            kwargs["model_parameters"] = params
         self.engine, _, _, _ = deepspeed.initialize(**kwargs)
         self.engine.train()
         if full:
@@ -518,6 +556,13 @@ def _set_dist_env(ctx, device: torch.device) -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+def _logged_config(job: IdentityTrainJob) -> dict[str, Any]:
+    """What the trackers record as the run's config: the settings that make the model."""
+    return {"identity": job.identity, "output": job.output, "preset": job.preset, "weights_dir": job.weights_dir,
+            "train": job.train.model_dump(mode="json"), "distributed": job.distributed.model_dump(mode="json"),
+            "prompts": job.prompts.model_dump(mode="json")}  # fmt: skip
+
+
 def _train_loop(config: dict) -> dict:
     import ray.train
     from ray.train.torch import get_device
@@ -529,6 +574,11 @@ def _train_loop(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     attempt = _register_attempt(job.output) - config["attempt_base"] if rank == 0 else 0
+    label = job.logs.label or job.identity
+    total = job.train.steps
+    # Only rank 0 reports: the display and the trackers want one voice per identity.
+    reporter = ProgressReporter(config.get("progress") if rank == 0 else None, label, total, attempt=max(attempt, 1))
+    reporter.phase("loading model")
 
     device = get_device()
     if device.type == "cpu":
@@ -539,8 +589,10 @@ def _train_loop(config: dict) -> dict:
 
     parts = _build_parts(job, device)
     trainer = DreamBoothTrainer(parts, job.train, job.prompts, rank=rank, world_size=world)
+    reporter.phase("caching latents")
     trainer.cache_latents(_read_instance_images(job), _read_class_images(job.class_images))
     backend = _DeepSpeedBackend(trainer, dist) if dist.backend == "deepspeed" else _DDPBackend(trainer, dist)
+    reporter.phase(f"starting {backend.name}")
 
     history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
@@ -551,59 +603,93 @@ def _train_loop(config: dict) -> dict:
                 history = [m for m in json.loads((Path(d) / HISTORY_JSON).read_text()) if m["step"] <= start]
     else:
         start = backend.setup(None)
-    total = job.train.steps
     val_batch = _validation_batch(trainer)
+    # ZeRO-3 partitions the weights over the ranks: rank 0 alone cannot run the model to draw images.
+    draw_images = not (backend.name == "deepspeed" and dist.zero_stage == 3)
+    if rank == 0 and not draw_images and job.logs.validation_images and job.logs.validation_every:
+        log.warning("%s: no validation images under ZeRO-3 (the weights are partitioned across ranks)", label)
     last_ckpt_dir: Path | None = None
     tmp_root = Path(tempfile.mkdtemp(prefix="raypdm-ckpt-"))
+    loggers_cfg = job.logs if rank == 0 else None
     try:
-        step = start
-        while step < total:
-            losses = backend.step(trainer.batch(step))
-            step += 1
-            if hook is not None:
-                hook(rank, step)
-            is_ckpt = step % dist.checkpoint_every == 0 or step == total
-            is_val = step % dist.quality_every == 0 or step == total
-            if not (is_ckpt or is_val or step % dist.report_every == 0):
-                continue
-            loss, inst_l, prior_l = _mean_over_ranks([float(x) for x in losses], device)
-            metrics: dict[str, Any] = {
-                "identity": job.identity, "step": step, "loss": loss, "instance_loss": inst_l,
-                "prior_loss": prior_l, "lr": backend.lr(), "attempt": attempt, "start_step": start,
-            }  # fmt: skip
-            if is_val:
-                metrics["val_loss"] = _mean_over_ranks([backend.val_loss(val_batch)], device)[0]
-            if rank == 0:
-                history.append(metrics)
-            if not is_ckpt:
-                ray.train.report(metrics)
-                continue
-            ckpt_dir = tmp_root / f"step-{step:07d}"
-            ckpt_dir.mkdir()
-            weights = backend.consolidated_weights(rank)
-            backend.save_optimizer(ckpt_dir, step)
-            if rank == 0:
-                _save_weights(weights, ckpt_dir)
-                state = {"step": step, "backend": backend.name, "world_size": world, "zero_stage": dist.zero_stage,
-                         "seed": job.train.seed, "identity": job.identity}  # fmt: skip
-                (ckpt_dir / STATE_JSON).write_text(json.dumps(state), encoding="utf-8")
-                (ckpt_dir / HISTORY_JSON).write_text(json.dumps(history), encoding="utf-8")
-            del weights
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                delete_local_checkpoint_after_upload=False,
-            )
-            if last_ckpt_dir is not None:
-                shutil.rmtree(last_ckpt_dir, ignore_errors=True)
-            last_ckpt_dir = ckpt_dir
+        with open_loggers(loggers_cfg, output=job.output, label=label, config=_logged_config(job)) as loggers:
+            step = start
+            reporter.start(step)
+            last_report = (time.perf_counter(), step)
+            while step < total:
+                losses = backend.step(trainer.batch(step))
+                step += 1
+                reporter.step(step, losses[0])
+                if hook is not None:
+                    hook(rank, step)
+                if rank == 0 and draw_images and job.logs.wants_images(step, total):
+                    reporter.phase("validation images", step=step)
+                    images = _draw_validation_images(job, trainer)
+                    loggers.images(step, "validation", images, caption=job.prompts.sampling_prompt())
+                    reporter.phase("training", step=step)
+                is_ckpt = step % dist.checkpoint_every == 0 or step == total
+                is_val = step % dist.quality_every == 0 or step == total
+                if not (is_ckpt or is_val or step % dist.report_every == 0):
+                    continue
+                loss, inst_l, prior_l = _mean_over_ranks([float(x) for x in losses], device)
+                metrics: dict[str, Any] = {
+                    "identity": job.identity, "step": step, "loss": loss, "instance_loss": inst_l,
+                    "prior_loss": prior_l, "lr": backend.lr(), "attempt": attempt, "start_step": start,
+                }  # fmt: skip
+                if is_val:
+                    metrics["val_loss"] = _mean_over_ranks([backend.val_loss(val_batch)], device)[0]
+                if rank == 0:
+                    history.append(metrics)
+                    now = time.perf_counter()
+                    per_step = (now - last_report[0]) / max(1, step - last_report[1])
+                    last_report = (now, step)
+                    scalars = {"train/loss": loss, "train/instance_loss": inst_l, "train/prior_loss": prior_l,
+                               "train/lr": metrics["lr"], "train/s_per_step": per_step}
+                    if is_val:
+                        scalars["val/loss"] = metrics["val_loss"]
+                    loggers.scalars(step, scalars)
+                if not is_ckpt:
+                    ray.train.report(metrics)
+                    continue
+                reporter.phase("checkpoint", step=step)
+                ckpt_dir = tmp_root / f"step-{step:07d}"
+                ckpt_dir.mkdir()
+                weights = backend.consolidated_weights(rank)
+                backend.save_optimizer(ckpt_dir, step)
+                if rank == 0:
+                    _save_weights(weights, ckpt_dir)
+                    state = {"step": step, "backend": backend.name, "world_size": world, "zero_stage": dist.zero_stage,
+                             "seed": job.train.seed, "identity": job.identity}  # fmt: skip
+                    (ckpt_dir / STATE_JSON).write_text(json.dumps(state), encoding="utf-8")
+                    (ckpt_dir / HISTORY_JSON).write_text(json.dumps(history), encoding="utf-8")
+                    loggers.sync()
+                del weights
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+                    delete_local_checkpoint_after_upload=False,
+                )
+                if last_ckpt_dir is not None:
+                    shutil.rmtree(last_ckpt_dir, ignore_errors=True)
+                last_ckpt_dir = ckpt_dir
+                reporter.phase("training", step=step)
 
         if rank != 0:
             return {}
+        reporter.phase("exporting", step=step)
         export_uri = _export(job, trainer, last_ckpt_dir, checkpoint, step)
+        reporter.phase("done", step=step)
         return {"history": history, "steps": step, "export_uri": export_uri}
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _draw_validation_images(job: IdentityTrainJob, trainer: DreamBoothTrainer) -> list:
+    from raypdm.train.validation import validation_images
+
+    t = job.logs.tracking
+    return validation_images(trainer.parts, job.prompts, count=job.logs.validation_images, steps=t.validation_steps,
+                             resolution=job.train.resolution, seed=job.train.seed, w=t.validation_w)
 
 
 def _export(job: IdentityTrainJob, trainer: DreamBoothTrainer, ckpt_dir: Path | None, restored, step: int) -> str:
@@ -638,12 +724,14 @@ def _checkpoint_uri(checkpoint, output: str) -> str | None:
     return path
 
 
-def run_identity_training(job: IdentityTrainJob, *, step_hook: StepHook | None = None) -> IdentityTrainResult:
+def run_identity_training(job: IdentityTrainJob, *, step_hook: StepHook | None = None,
+                          progress=None) -> IdentityTrainResult:
     """Train one identity with a Ray Train V2 TorchTrainer; blocks until it finishes.
 
     `step_hook(world_rank, steps_completed)` runs on every worker after each step (monitoring, fault
-    drills such as `FailOnceAt`). Raises Ray Train's `TrainingFailedError` when the run fails more than
-    `max_failures` times.
+    drills such as `FailOnceAt`). `progress`: a progress board (`raypdm.train.progress.start_board()`)
+    that rank 0 keeps up to date while it trains. Raises Ray Train's `TrainingFailedError` when the run
+    fails more than `max_failures` times.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -656,7 +744,8 @@ def run_identity_training(job: IdentityTrainJob, *, step_hook: StepHook | None =
         resources["GPU"] = dist.gpus_per_worker
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"job": job.model_dump(mode="json"), "attempt_base": base, "step_hook": step_hook},
+        train_loop_config={"job": job.model_dump(mode="json"), "attempt_base": base, "step_hook": step_hook,
+                           "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=dist.workers, use_gpu=dist.use_gpu, resources_per_worker=resources
         ),

@@ -3,8 +3,10 @@
     L = E‖ε_θ(z_t(x), t, τ(c_inst)) − y‖² + λ·E‖ε_θ(z_t'(x_pr), t', τ(c_cls)) − y'‖²
 
 where y is the noise (epsilon prediction) or the velocity (v prediction), as the base model's scheduler
-says. UNet and (by default) text encoder are fine-tuned, the VAE is frozen, and the latents of the fixed
-images are encoded once. Distributed wrappers (Ray Train, DeepSpeed) drive `DreamBoothTrainer.train_step`
+says. UNet and (by default) text encoder are fine-tuned, the VAE is frozen, and the fixed images are
+encoded once: the posterior's mean and standard deviation are cached, and each step draws
+z = mean + std·ε from them (`latents="sample"`, what the paper's code does with `latent_dist.sample()`,
+without a VAE pass per step), or uses the mean (`latents="mean"`, deterministic and a little cheaper). Distributed wrappers (Ray Train, DeepSpeed) drive `DreamBoothTrainer.train_step`
 and checkpoint through `state_dict()` / `save_checkpoint()`; nothing here knows about them.
 
     parts = models.build("sd21-base", preset="tiny")
@@ -37,6 +39,7 @@ __all__ = [
     "DreamBoothTrainer",
     "StepLosses",
     "encode_latents",
+    "encode_latent_posteriors",
     "encode_prompts",
     "dreambooth_loss",
     "training_target",
@@ -46,6 +49,7 @@ StepCallback = Callable[[int, "StepLosses"], None]
 WEIGHT_FILES = {"unet": "unet.safetensors", "text_encoder": "text_encoder.safetensors"}
 STATE_FILE = "trainer_state.pt"
 _RANK_NOISE_OFFSET = 0x9E3779B97F  # per-rank shift of the noise generator's seed (rank 0: none)
+_LATENT_STREAM = 3  # seeds the posterior samples apart from the noise and timesteps (streams 0-2)
 
 
 class TrainConfig(StrictModel):
@@ -61,6 +65,11 @@ class TrainConfig(StrictModel):
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on CUDA, no on CPU")
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field(
         "auto", description="auto: bitsandbytes AdamW8bit when it imports and CUDA is present, else torch AdamW"
+    )
+    latents: Literal["sample", "mean"] = Field(
+        "sample",
+        description="sample: a fresh posterior sample of each image's VAE latent every step (the paper's code); "
+        "mean: the posterior mean (deterministic, a little cheaper)",
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
@@ -120,17 +129,26 @@ def _to_square_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: Sequence[np.ndarray], size: int, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (mean of the latent distribution × scaling_factor), float32 on the VAE's device."""
+def encode_latent_posteriors(
+    vae, images: Sequence[np.ndarray], size: int, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent posterior per image, both × scaling_factor, float32 on the VAE's
+    device: `mean + std * randn` is distributed as `latent_dist.sample() * scaling_factor`."""
     if len(images) == 0:
         raise ValueError("encode_latents: no images")
     param = next(vae.parameters())
-    out = []
+    means, stds = [], []
     for start in range(0, len(images), batch_size):
         chunk = torch.stack([_to_square_tensor(np.asarray(im), size) for im in images[start : start + batch_size]])
         dist = vae.encode(chunk.to(device=param.device, dtype=param.dtype)).latent_dist
-        out.append(dist.mean.float() * vae.config.scaling_factor)
-    return torch.cat(out)
+        means.append(dist.mean.float() * vae.config.scaling_factor)
+        stds.append(dist.std.float() * vae.config.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+def encode_latents(vae, images: Sequence[np.ndarray], size: int, batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (mean of the latent distribution × scaling_factor), float32 on the VAE's device."""
+    return encode_latent_posteriors(vae, images, size, batch_size)[0]
 
 
 def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -262,7 +280,8 @@ class DreamBoothTrainer:
         self.precision = self.cfg.resolved_mixed_precision(self.device)
         self.optimizer_name = self.cfg.resolved_optimizer(self.device)
         self.step = 0
-        self._latents: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        # (fingerprint, instance mean, instance std, class mean, class std), see `cache_latents`
+        self._latents: tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
         unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
         vae.requires_grad_(False).eval()
@@ -323,18 +342,33 @@ class DreamBoothTrainer:
         key = _fingerprint(instance_images, size) + _fingerprint(class_images, size)
         if self._latents is None or self._latents[0] != key:
             vae = self.parts.vae
-            self._latents = (key, encode_latents(vae, instance_images, size), encode_latents(vae, class_images, size))
+            inst = encode_latent_posteriors(vae, instance_images, size)
+            cls = encode_latent_posteriors(vae, class_images, size)
+            self._latents = (key, *inst, *cls)
+
+    def cached_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior means of the (instance, class) images: what a deterministic evaluation uses."""
+        if self._latents is None:
+            raise RuntimeError("call cache_latents(instance_images, class_images) before training")
+        return self._latents[1], self._latents[3]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(instance latents, class latents, noise, timesteps) of step `step` on this trainer's rank;
-        needs `cache_latents` first. Distinct ranks get distinct images (when there are enough) and noise."""
+        needs `cache_latents` first. Distinct ranks get distinct images (when there are enough) and noise;
+        with `latents="sample"` each step's latents are fresh posterior samples, seeded like the noise."""
         if self._latents is None:
             raise RuntimeError("call cache_latents(instance_images, class_images) before training")
-        _, inst, cls = self._latents
+        _, inst_mean, inst_std, cls_mean, cls_std = self._latents
         seed = self.cfg.seed
         r, w = self.rank, self.world_size
-        inst = inst[_cycle_indices(len(inst), self.cfg.instance_batch_size, step, seed, 0, r, w)]
-        cls = cls[_cycle_indices(len(cls), self.cfg.class_batch_size, step, seed, 1, r, w)]
+        pick_inst = _cycle_indices(len(inst_mean), self.cfg.instance_batch_size, step, seed, 0, r, w)
+        pick_cls = _cycle_indices(len(cls_mean), self.cfg.class_batch_size, step, seed, 1, r, w)
+        inst, cls = inst_mean[pick_inst], cls_mean[pick_cls]
+        if self.cfg.latents == "sample":
+            g_lat = torch.Generator().manual_seed(seed * 1_000_003 + _LATENT_STREAM * 7_919 + step + r * _RANK_NOISE_OFFSET)
+            eps = torch.randn((len(inst) + len(cls), *inst.shape[1:]), generator=g_lat).to(self.device)
+            inst = inst + inst_std[pick_inst] * eps[: len(inst)]
+            cls = cls + cls_std[pick_cls] * eps[len(inst) :]
         # Rank 0 keeps the single-process stream; other ranks are offset far past any step count.
         g = torch.Generator().manual_seed(seed * 1_000_003 + 2 * 7_919 + step + r * _RANK_NOISE_OFFSET)
         shape = (len(inst) + len(cls), *inst.shape[1:])

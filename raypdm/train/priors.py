@@ -40,13 +40,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from raypdm.config import StrictModel, config_hash
+from raypdm.config import StrictModel, Uri, config_hash
 from raypdm.train.prompts import CDLPrompts
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ClassPriorConfig",
+    "ClassPriorSection",
     "class_prior_key",
     "class_prior_uri",
     "generate_class_images",
@@ -110,6 +111,50 @@ class ClassPriorConfig(StrictModel):
             "preset": self.preset,
             "weights": self.weights,
         }
+
+
+class ClassPriorSection(ClassPriorConfig):
+    """A job's `class_prior:` section (train, sweep, red-team): `ClassPriorConfig`'s fields, typed and
+    validated with the job's config. `preset`, `weights_dir`, `prompt` and `resolution` left out (None) are
+    the job's: its preset and weights, the prompts' prior-generation prompt, the training resolution."""
+
+    preset: Literal["tiny", "full"] | None = Field(None, description="None: the job's preset")
+    weights_dir: Uri | None = Field(None, description="None: the job's weights_dir")
+    prompt: str | None = Field(None, description="None: the prompts' prior-generation prompt")
+    resolution: int | None = Field(None, ge=8, le=2048, description="None: the training resolution")
+    cache: Uri | None = Field(
+        None, description="class-image cache folder (content-keyed, safe to share between jobs); None: <output>/_class_priors"
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:  # replaces ClassPriorConfig's: None is allowed here
+        if v is not None and not v.strip():
+            raise ValueError("prompt is empty")
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE's downsampling), got {v}")
+        return v
+
+    def resolve(self, *, preset: str, weights_dir: str | None, prompt: str, resolution: int) -> ClassPriorConfig:
+        """The full `ClassPriorConfig`, the job's values filling what the section leaves out."""
+        fields = self.model_dump(exclude={"cache"})
+        defaults = {"preset": preset, "weights_dir": weights_dir, "prompt": prompt, "resolution": resolution}
+        for name, value in defaults.items():
+            if fields[name] is None:
+                fields[name] = value
+        return ClassPriorConfig.model_validate(fields)
+
+
+def class_prior_cache(section: ClassPriorSection, output: str) -> str:
+    """Where a job's class images are cached: the section's `cache`, else `<output>/_class_priors`."""
+    from raypdm.data.uri import join
+
+    return section.cache or join(output, "_class_priors")
 
 
 def class_prior_key(cfg: ClassPriorConfig) -> str:

@@ -1,59 +1,166 @@
-"""The demo, end to end, as a user runs it: `raypdm demo --out DIR`."""
+"""The demo, end to end, exactly as the README's first line runs it: `raypdm demo --output demo-out`, typed
+in a fresh working directory (a relative output path), with empty torch and Hugging Face caches, in its
+own process. Then the same command again: a finished demo resumes every stage."""
 
+from __future__ import annotations
+
+import os
+import atexit
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from raypdm.cli import cli
 from raypdm.data.manifest import Manifest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parents[2]
+# The README's quick-start line, from `raypdm demo` on (tests/e2e/test_readme_tour.py checks the README says it).
+DEMO_ARGS = ["demo", "--output", "demo-out"]
+# What a user's terminal shows only with -v (the issue's list): none of it in a quiet run.
+NOISE = [
+    r"Configuration for experiment", r"View detailed results here", r"tensorboard --logdir",
+    r"worker processes have been started", r"gemm_4bit_forward", r"Trial status", r"\(raylet\)",
+    r"DeprecationWarning", r"FutureWarning",
+]
 
 
-def test_demo_runs_every_stage(ray_local, tmp_path):
-    out = tmp_path / "demo"
+def fresh_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "RAY_ADDRESS"))}
+    ray_tmp = tempfile.mkdtemp(prefix="rp-", dir="/tmp")
+    atexit.register(shutil.rmtree, ray_tmp, True)
+    env.update(TORCH_HOME=str(tmp_path / "torch-home"), HF_HOME=str(tmp_path / "hf-home"),
+               RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", COLUMNS="160")
+    # RAY_TMPDIR short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes, which a
+    # pytest tmp_path with a long test name overflows
+    return env
+
+
+def raypdm_cmd() -> list[str]:
+    exe = shutil.which("raypdm", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "raypdm.cli"]
+
+
+def run_demo(cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    res = CliRunner().invoke(cli, ["demo", "--out", str(out), "--no-progress"], terminal_width=200)
-    seconds = time.perf_counter() - t0
-    assert res.exit_code == 0, res.output
-    assert "demo finished" in res.output
+    res = subprocess.run([*raypdm_cmd(), *DEMO_ARGS], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    return res, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    cwd = tmp / "cwd"
+    cwd.mkdir()
+    env = fresh_env(tmp)
+    first, seconds = run_demo(cwd, env)
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
+    again, again_seconds = run_demo(cwd, env)
+    assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-6000:]
+    print(f"demo: {seconds:.0f} s, re-run {again_seconds:.0f} s")  # measured, not asserted (benchmarks/)
+    return {"out": cwd / "demo-out", "first": first, "again": again}
+
+
+def test_the_relative_output_lands_in_the_working_directory(demo):
+    out = demo["out"]
     assert (out / "demo_config.yaml").exists()
-    # protection: set_A of every identity protected within the budget, the other splits copied
-    protected = Manifest(str(out / "protected" / "advdm")).read().to_pandas()
+    assert "demo finished" in demo["first"].stdout
+    # every path the demo wrote into its saved configs is absolute (normalised once, before Ray started)
+    saved = (out / "redteam" / "redteam_config.yaml").read_text()
+    assert f"data: {out / 'data'}" in saved
+
+
+def test_every_stage_wrote_what_it_should(demo):
+    out = demo["out"]
+    rt = out / "redteam"
+    protected = Manifest(str(rt / "protect" / "advdm")).read().to_pandas()
     a = protected[protected["split"] == "set_A"]
-    assert len(a) == 3 * 4 and a["error"].isna().all() and (a["linf"] <= 11 / 255 + 1e-9).all()
-    assert len(protected) == 3 * 3 * 4
-    jpeg = Manifest(str(out / "purified" / "jpeg")).read()
-    assert jpeg.num_rows == 3 * 3 * 4 and jpeg.column("error").null_count == jpeg.num_rows
-    assert "jpeg (re-run)" in res.output
-    codesr = Manifest(str(out / "purified" / "codesr")).read()
-    assert codesr.num_rows == 3 * 4 and codesr.column("error").null_count == codesr.num_rows
+    # the matrix's two identities: set_A protected within the budget, set_B/set_C copied through
+    assert len(a) == 2 * 4 and a["error"].isna().all() and (a["linf"] <= 11 / 255 + 1e-9).all()
+    assert len(protected) == 2 * 3 * 4
+    jpeg = Manifest(str(out / "purify" / "jpeg")).read()
+    assert jpeg.num_rows == 2 * 3 * 4 and jpeg.column("error").null_count == jpeg.num_rows
+    assert "jpeg (re-run)" in demo["first"].stdout
+    codesr = Manifest(str(rt / "purify" / "advdm" / "codesr")).read()
+    assert codesr.num_rows == 2 * 4 and codesr.column("error").null_count == codesr.num_rows
     assert "ref_ssim" in codesr.column_names
-    # two identities fine-tuned in parallel, then sampled with decoupled guidance
-    exports = sorted(p.parent.name for p in (out / "models").glob("*/export"))
-    assert len(exports) == 2
-    samples = Manifest(str(out / "samples")).read().to_pylist()
-    assert len(samples) == 2 * 2 * 2 and all(r["error"] is None for r in samples)
-    assert {r["identity"] for r in samples} == set(exports) and {r["w"] for r in samples} == {7.5}
-    # scoring of the generated images
-    scores = Manifest(str(out / "scores")).read().to_pandas()
-    assert len(scores) == len(samples) and {"ims", "q", "p_noise", "face_found"} <= set(scores.columns)
-    assert (out / "scores" / "mismatch.png").exists()
-    assert {"clean", "protected", "purified", "evaluated"} <= set(pd.read_parquet(out / "scores" / "mismatch.parquet")["group"])
-    # the 2 x 2 sweep: two trials, two w rows each from one training
+    # the baseline (none + vanilla) and the paper's method (codesr + cdl), 2 identities each, with TensorBoard events
+    exports = sorted(rt.glob("train/*/*/*/seed0/*/export"))
+    assert {e.relative_to(rt / "train" / "advdm").parts[:2] for e in exports} == {("none", "vanilla"), ("codesr", "cdl")}
+    assert len(exports) == 2 * 2
+    assert all(list((e.parent / "tensorboard").glob("events.out.tfevents.*")) for e in exports)
+    ours = rt / "sample" / "advdm" / "codesr" / "cdl" / "seed0"
+    samples = Manifest(str(ours)).read().to_pylist()
+    # 2 identities x 2 prompts x `sample_images` (2)
+    assert len(samples) == 2 * 2 * 2 and all(r["error"] is None for r in samples) and {r["w"] for r in samples} == {7.5}
+    scores = Manifest(str(rt / "evaluate" / "advdm" / "codesr" / "cdl" / "seed0")).read().to_pandas()
+    assert len(scores) == len(samples) and {"ims", "q", "face_found"} <= set(scores.columns)
+    assert (rt / "mismatch" / "mismatch.png").exists()
+    assert {"clean", "protected"} <= set(pd.read_parquet(rt / "mismatch" / "mismatch.parquet")["group"])
     sweep = pd.read_parquet(out / "sweep" / "results.parquet")
     final = sweep[sweep["final"] == True]  # noqa: E712
     assert set(final["token"]) == {"t@j", "bhi"} and set(final["w"]) == {3.0, 7.5}
-    # the smoke red-team matrix: tables and a report a person can open
     for table in ("table1", "table2", "table4"):
-        assert (out / "redteam" / "tables" / f"{table}.md").stat().st_size > 0
-    report = (out / "redteam" / "report.html").read_text()
+        assert (rt / "tables" / f"{table}.md").stat().st_size > 0
+    report = (rt / "report.html").read_text()
     assert "<img" in report and "data:image" in report and "Table 1" in report
-    assert "benchmark: purifier_throughput.png" in report  # the checkout's benchmark plots, inlined
-    # Table 1 tests the method under test against its strongest competitor, never against itself
-    table1 = (out / "redteam" / "tables" / "table1.md").read_text()
+    assert "benchmark: purifier_throughput.png" in report
+    table1 = (rt / "tables" / "table1.md").read_text()
     assert "Wilcoxon signed-rank test against" in table1 and "against codesr + cdl" not in table1
-    assert "report.html" in res.output
-    print(f"demo: {seconds:.0f} s")  # the 10-minute budget is measured, not asserted (no timed tests)
+    assert "report.html" in demo["first"].stdout
+
+
+def test_the_matrix_reuses_the_stages_the_demo_ran(demo):
+    """Stage 9 resumes the protect, purify, train, sample and evaluate stages of stages 2-7: their rows were
+    written once (one manifest part per first write) and no identity was trained twice."""
+    rt = demo["out"] / "redteam"
+    for stage in (rt / "protect" / "advdm", rt / "purify" / "advdm" / "codesr",
+                  rt / "sample" / "advdm" / "codesr" / "cdl" / "seed0"):
+        rows = Manifest(str(stage)).read().to_pandas()
+        assert not rows.duplicated(subset=["identity", "split", "name"]).any(), stage
+    attempts = list(rt.glob("train/advdm/codesr/cdl/seed0/*/attempts/*"))
+    assert len(attempts) == 2, attempts  # one worker-group start per identity: trained once, in stage 5
+
+
+def stage_table(stdout: str) -> dict[str, list[int]]:
+    """The final "demo stages" table: stage -> [inputs, done, resumed, errors] (the last row of a name wins)."""
+    rows: dict[str, list[int]] = {}
+    for line in stdout[stdout.rindex("demo stages"):].splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if len(cells) >= 5 and cells[1].isdigit():
+            rows[cells[0]] = [int(c) for c in cells[1:5]]
+    return rows
+
+
+def test_the_first_run_did_every_stage_without_errors(demo):
+    rows = stage_table(demo["first"].stdout)
+    for name in ("advdm", "jpeg", "codeformer+sr", "train (2 cells)", "sample", "evaluate"):
+        inputs, done, resumed, errors = rows[name]
+        assert inputs > 0 and done == inputs and errors == 0, (name, rows[name])
+    assert rows["jpeg (re-run)"][2] == rows["jpeg"][0]  # the in-demo re-run resumed every row
+
+
+def test_a_rerun_resumes_everything(demo):
+    again = demo["again"].stdout
+    assert "demo finished" in again
+    rows = stage_table(again)
+    for name in ("advdm", "copy", "jpeg", "codeformer+sr", "train (2 cells)", "sample", "evaluate"):
+        inputs, done, resumed, errors = rows[name]
+        assert done == 0 and resumed == inputs and errors == 0, (name, rows[name])
+    assert "train: 0 trained, 4 skipped" in again
+    attempts = list((demo["out"] / "redteam").glob("train/*/*/*/seed0/*/attempts/*"))
+    assert len(attempts) == 2 * 2  # no identity trained again
+
+
+def test_the_output_is_quiet(demo):
+    for run in ("first", "again"):
+        text = demo[run].stdout + demo[run].stderr
+        for pattern in NOISE:
+            assert not re.search(pattern, text), f"{run}: {pattern!r} in the demo's output"

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.ray
 
 def test_make_synthetic_then_check_ok(ray_local, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path), "--identities", "2", "--images", "2",
+    res = runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path), "--num-identities", "2", "--images", "2",
                               "--size", "32", "--real-photos"])
     assert res.exit_code == 0, res.output
     assert "wrote 18 images" in res.output
@@ -21,7 +21,7 @@ def test_make_synthetic_then_check_ok(ray_local, tmp_path):
 
 def test_check_lists_every_bad_file_and_fails(ray_local, tmp_path):
     runner = CliRunner()
-    runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path), "--identities", "1", "--images", "2", "--size", "32"])
+    runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path), "--num-identities", "1", "--images", "2", "--size", "32"])
     (tmp_path / "id000" / "set_A" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (tmp_path / "id000" / "set_Q").mkdir()
     res = runner.invoke(cli, ["data", "check", str(tmp_path)], terminal_width=200)
@@ -36,7 +36,7 @@ def test_check_missing_root_is_a_clear_error(tmp_path):
 
 def test_purify_cli_with_config_file_and_overrides(ray_local, tmp_path):
     runner = CliRunner()
-    runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path / "d"), "--identities", "1", "--images", "2", "--size", "32"])
+    runner.invoke(cli, ["data", "make-synthetic", "--out", str(tmp_path / "d"), "--num-identities", "1", "--images", "2", "--size", "32"])
     cfg = tmp_path / "purify.yaml"
     cfg.write_text(f"input: {tmp_path / 'd'}\noutput: {tmp_path / 'o'}\npurifier: jpeg\n")
     res = runner.invoke(cli, ["purify", "--config", str(cfg), "--set", "options.jpeg.quality=60", "--lpips", "random",

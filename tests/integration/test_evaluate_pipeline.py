@@ -1,6 +1,5 @@
 """`raypdm evaluate` on a local Ray cluster with tiny random scorers: schema, error rows, resume, tables."""
 
-import io
 
 import pandas as pd
 import pytest
@@ -58,3 +57,37 @@ def test_evaluate_config_errors():
         EvaluateConfig(images="a", output="b", reference="r", metrics=["fid"])
     with pytest.raises(ValueError, match="clash"):
         EvaluateConfig(images="a", output="b", reference="r", settings={"ims": "x"})
+
+
+def test_a_finished_evaluation_rerun_skips_everything_until_a_reference_changes(ray_local, dataset, tmp_path):
+    """The re-run fast path (no reference embedding, no pipeline) holds only while the reference images'
+    bytes are the ones the tables were built from."""
+    import json
+    import shutil
+
+    from raypdm.pipelines import evaluate as ev
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "id000" / "set_A" / "broken.png").unlink()
+    out = tmp_path / "scores"
+    cfg = EvaluateConfig(images=str(data), reference=str(data), output=str(out), splits=["set_A"],
+                         metrics=["ims", "ssim"], identities=["id000"])
+    run_evaluate(cfg)
+    marker = json.loads((out / ev.PREPARED_MARKER).read_text())
+    chash = marker["config_hash"]
+    from raypdm.data.layout import list_images
+
+    refs = [r for r in list_images(str(data), identities=["id000"], any_split=True)[0] if r.split == "set_A"]
+    done = frozenset(Manifest(str(out)).done_keys())
+    key = ev._prepared_key(cfg, ["id000"], chash)
+    assert json.loads(json.dumps(key)) == marker and ev._finished_before(cfg, refs, chash, done, key)
+    again = run_evaluate(cfg)
+    assert again.skipped == again.total == 2 and again.processed == 0
+    # a reference (set_B) image replaced in place: same paths, other bytes -> the tables are rebuilt
+    ref_image = sorted((data / "id000" / "set_B").iterdir())[0]
+    ref_image.write_bytes((data / "id000" / "set_C" / sorted(p.name for p in (data / "id000" / "set_C").iterdir())[0]).read_bytes())
+    changed = ev._prepared_key(cfg, ["id000"], chash)
+    assert changed != marker and not ev._finished_before(cfg, refs, chash, done, changed)
+    run_evaluate(cfg)
+    assert json.loads((out / ev.PREPARED_MARKER).read_text()) == json.loads(json.dumps(changed))

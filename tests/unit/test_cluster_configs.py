@@ -25,11 +25,14 @@ import pytest
 import ray
 import yaml
 
+from raypdm.cli.jobs import JOBS as JOB_TABLE
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT / "clusters"
 JOBS = ROOT / "jobs"
-# The job entrypoints the cluster files may name (jobs/<name>.py, each taking --config/--output/--smoke).
-JOB_ENTRYPOINTS = ("purify", "protect", "finetune", "sample", "evaluate", "sweep", "bench", "redteam")
+# The job entrypoints the cluster files may name (jobs/<name>.py, each taking --config/--output/--smoke):
+# the job table's names and their aliases.
+JOB_ENTRYPOINTS = tuple(name for spec in JOB_TABLE for name in (spec.name, *spec.aliases))
 LAUNCHER_CONFIGS = ("aws-gpu.yaml", "gcp-gpu.yaml")
 KUBERAY = CLUSTERS / "kuberay"
 IMAGE_RE = re.compile(rf"rayproject/ray:{re.escape(ray.__version__)}-py311-cu1\d\d$")

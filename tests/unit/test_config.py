@@ -69,7 +69,7 @@ def test_config_hash_is_stable_and_sensitive():
 
 
 def test_resolved_config_is_saved(tmp_path):
-    cfg = resolve_config(DemoConfig, flags={"out": str(tmp_path)})
+    cfg = resolve_config(DemoConfig, flags={"output": str(tmp_path)})
     target = save_resolved_config(cfg, str(tmp_path))
     again = resolve_config(DemoConfig, path=target)
     assert again == cfg

@@ -146,3 +146,13 @@ def test_random_trunk_is_reproducible_and_leaves_the_global_rng_alone(scorer, pa
     assert torch.rand(1) == before
     assert other.score(q10[:1], clean[:1]) == scorer.score(q10[:1], clean[:1])
     assert other.config_dict()["lpips_backbone"] == "random-seed0"
+
+
+def test_without_lpips_no_trunk_is_needed_and_lpips_is_nan(pairs, tmp_path, monkeypatch):
+    """SSIM/MS-SSIM/PSNR alone (`evaluate --metrics ssim`) must run on a machine without the AlexNet file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    scorer = FaithfulnessScorer("cpu", lpips_pretrained=True, with_lpips=False)
+    clean, q10, _ = pairs
+    rows = scorer.score(q10, clean)
+    assert all(math.isnan(r["lpips"]) and r["ssim"] > 0 and not math.isnan(r["ms_ssim"]) for r in rows)
+    assert scorer.config_dict()["lpips"] is None

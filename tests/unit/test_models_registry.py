@@ -59,9 +59,18 @@ def test_register_get_and_replace(monkeypatch):
         spec.name = "other"  # type: ignore[misc]
 
 
-def test_fetch_command_for_hub_models(tmp_path):
+def test_fetch_command_is_raypdm_models_fetch_with_manual_equivalents(tmp_path):
     spec = models.get("sd21-base")
-    cmd = spec.fetch_command(tmp_path)
+    first, *rest = spec.fetch_command(tmp_path / "w s").splitlines()
+    assert shlex.split(first) == ["raypdm", "models", "fetch", "--weights-dir", str(tmp_path / "w s"),
+                                  "--model", "sd21-base"]  # fmt: skip
+    assert rest[0] == "# without raypdm:" and rest[1] == "# " + spec.manual_fetch_command(tmp_path / "w s")
+    assert registry.fetch_command(["a", "b", "a"], "/w") == "raypdm models fetch --weights-dir /w --model a --model b"
+
+
+def test_manual_fetch_command_for_hub_models(tmp_path):
+    spec = models.get("sd21-base")
+    cmd = spec.manual_fetch_command(tmp_path)
     assert cmd.startswith(
         f"hf download stabilityai/stable-diffusion-2-1-base --revision {spec.hub_revision} "
         f"--local-dir {tmp_path / 'sd21-base'}"
@@ -71,10 +80,45 @@ def test_fetch_command_for_hub_models(tmp_path):
         assert f.path in args  # only the files `load` reads, not the repo's multi-GB extras
 
 
-def test_fetch_command_for_direct_urls(tmp_path):
-    cmd = _spec().fetch_command(tmp_path / "w s")  # a space: the command must stay copy-pasteable
+def test_manual_fetch_command_for_direct_urls(tmp_path):
+    cmd = _spec().manual_fetch_command(tmp_path / "w s")  # a space: the command must stay copy-pasteable
     lines = cmd.splitlines()
     dest = tmp_path / "w s" / "dummy" / "net.pth"
     assert shlex.split(lines[0]) == ["mkdir", "-p", str(dest.parent), "&&", "curl", "-L", "-o", str(dest),
                                      "https://example.org/net.pth"]
     assert "no public URL" in lines[1] and "extra/cfg.json" in lines[1]
+
+
+def test_bring_your_own_models_keep_their_copy_instructions(tmp_path):
+    spec = models.get("antelopev2")
+    assert not spec.downloadable
+    assert spec.fetch_command(tmp_path) == spec.manual_fetch_command(tmp_path)
+    assert "raypdm models fetch" not in spec.fetch_command(tmp_path) and "no working public download" in spec.fetch_command(tmp_path)
+
+
+def test_lpips_trunks_are_registered_with_torchvisions_files():
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    for name, weights in (("lpips-alex", AlexNet_Weights.IMAGENET1K_V1), ("lpips-vgg", VGG16_Weights.IMAGENET1K_V1)):
+        (wf,) = models.get(name).files
+        assert wf.url == weights.url and wf.path == weights.url.rsplit("/", 1)[1]
+        # torchvision names its files after the sha256's first 8 hex digits: the pin must agree.
+        assert len(wf.sha256) == 64 and wf.path.removesuffix(".pth").endswith("-" + wf.sha256[:8])
+
+
+def test_every_pin_is_a_sha256_hex_digest():
+    for name in models.list_models():
+        for f in models.get(name).files:
+            assert f.sha256 is None or (len(f.sha256) == 64 and int(f.sha256, 16) >= 0), (name, f.path)
+
+
+def test_cli_list_says_which_files_are_not_pinned():
+    from click.testing import CliRunner
+
+    from raypdm.models.cli import models_cli
+
+    result = CliRunner().invoke(models_cli, ["list"])
+    assert result.exit_code == 0 and "sha256 pinned" in result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("│ adm256-uncond"))
+    assert "0/1" in line and "not known for" in line
+    assert "lpips-alex" in result.output and "(bring your own)" in result.output

@@ -108,7 +108,7 @@ def test_cli_check_exit_codes_and_fetch_command(saved, tmp_path):
     result = runner.invoke(models_cli, ["check", "--weights-dir", str(tmp_path), "--model", SD])
     assert result.exit_code == 1
     assert "missing" in result.output
-    assert models.get(SD).fetch_command(tmp_path) in result.output
+    assert all(line in result.output for line in models.get(SD).fetch_command(tmp_path).splitlines())
     root, _ = saved
     ok = runner.invoke(models_cli, ["check", "--weights-dir", str(root), "--model", SD, "--model", X4])
     assert ok.exit_code == 0, ok.output
@@ -129,7 +129,8 @@ def test_load_missing_raises_with_file_and_command(tmp_path):
         models.load(SD, tmp_path)
     msg = str(err.value)
     assert str((tmp_path / SD / "unet" / "diffusion_pytorch_model.safetensors").absolute()) in msg
-    assert models.get(SD).fetch_command(tmp_path) in msg
+    assert all(line in msg for line in models.get(SD).fetch_command(tmp_path).splitlines())
+    assert f"raypdm models fetch --weights-dir {tmp_path} --model {SD}" in msg
     assert isinstance(err.value, FileNotFoundError)
 
 
@@ -162,7 +163,8 @@ def test_wrong_shape_and_bad_json_are_corrupt(copy_of):
     assert bad.status == "corrupt" and "1 shape mismatches" in bad.detail and "0 keys missing" in bad.detail
     assert st["scheduler/scheduler_config.json"].status == "corrupt"
     result = CliRunner().invoke(models_cli, ["check", "-w", str(copy_of), "-m", SD])
-    assert result.exit_code == 1 and models.get(SD).fetch_command(copy_of) in result.output
+    assert result.exit_code == 1
+    assert all(line in result.output for line in models.get(SD).fetch_command(copy_of).splitlines())
 
 
 def test_hub_key_names_are_accepted(copy_of, saved):
@@ -200,9 +202,11 @@ def test_sha256_pin_is_checked(saved, monkeypatch):
         assert status.status == want, status.detail
         assert ("sha256 ok" in status.detail) == (want == "present")
     st = _statuses(root)
-    assert "sha256 not pinned" in st["vae/diffusion_pytorch_model.safetensors"].detail
-    # The real UNet's pin cannot apply to a tiny bundle: it is skipped, not failed, and says so.
-    assert "pin skipped" in st["unet/diffusion_pytorch_model.safetensors"].detail
+    assert "sha256 not pinned" in st["scheduler/scheduler_config.json"].detail
+    # The real files' pins cannot apply to a tiny bundle: they are skipped, not failed, and say so.
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors"):  # fmt: skip
+        assert "pin skipped" in st[weights].detail
 
 
 class _Payload:
@@ -255,3 +259,83 @@ def test_saved_tokenizer_has_hub_files(saved):
     vocab = json.loads((tok_dir / "vocab.json").read_text())
     assert "<|startoftext|>" in vocab and "<|endoftext|>" in vocab
     assert (tok_dir / "merges.txt").read_text().startswith("#version")
+
+
+# --------------------------------------------------------------------------- load-time sha256 verification
+
+
+@pytest.fixture
+def pinned_copy(copy_of, monkeypatch, tmp_path):
+    """A copy of the tiny SD bundle whose registry entry pins two of its small files, and a hash counter."""
+    from raypdm.models import verify
+
+    monkeypatch.setenv("RAYPDM_CACHE_DIR", str(tmp_path / "user-cache"))
+    models.list_models()  # built-ins register lazily: into the real registry, before it is swapped for a copy
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    src = models.get(SD)
+    pins = {p: sha256_file(copy_of / SD / p) for p in ("unet/config.json", "tokenizer/merges.txt")}
+    files = tuple(WeightFile(f.path, sha256=pins.get(f.path, f.sha256), layout=f.layout, required=f.required)
+                  for f in src.files)  # fmt: skip
+    models.register(dataclasses.replace(src, files=files))
+    calls: list[str] = []
+    real = verify.sha256_file
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(verify, "sha256_file", counting)
+    return copy_of, calls
+
+
+def test_load_verifies_pins_once_per_file_version(pinned_copy):
+    root, calls = pinned_copy
+    models.load(SD, root)
+    # Every pinned file on disk is hashed once (the tiny weights too: their pins then turn out not to apply)...
+    assert {"config.json", "merges.txt", "diffusion_pytorch_model.safetensors", "model.safetensors"} <= set(calls)
+    assert (root / ".raypdm-sha256.json").is_file()  # beside the weights
+    calls.clear()
+    models.load(SD, root)
+    assert calls == []  # ...and not again while size and mtime are unchanged
+    merges = root / SD / "tokenizer" / "merges.txt"
+    merges.write_text(merges.read_text())  # same bytes, new mtime: hashed again, still fine
+    models.load(SD, root)
+    assert calls == ["merges.txt"]
+
+
+def test_load_refuses_a_file_that_does_not_match_its_pin(pinned_copy):
+    root, _ = pinned_copy
+    merges = root / SD / "tokenizer" / "merges.txt"
+    expected = models.get(SD).files[[f.path for f in models.get(SD).files].index("tokenizer/merges.txt")].sha256
+    merges.write_text(merges.read_text() + "x y\n")
+    with pytest.raises(models.CorruptWeightsError) as err:
+        models.load(SD, root)
+    msg = str(err.value)
+    assert str(merges.absolute()) in msg and expected in msg and sha256_file(merges) in msg
+    assert f"raypdm models fetch --weights-dir {root} --model {SD}" in msg
+    assert isinstance(err.value, ValueError)
+
+
+def test_hash_cache_falls_back_to_the_user_cache(pinned_copy, tmp_path):
+    root, calls = pinned_copy
+    (root / ".raypdm-sha256.json").mkdir()  # an unwritable spot (root ignores chmod): cannot be replaced
+    models.load(SD, root)
+    assert (tmp_path / "user-cache" / "sha256.json").is_file()
+    calls.clear()
+    models.load(SD, root)
+    assert calls == []
+
+
+def test_weight_errors_survive_the_trip_from_a_ray_actor(tmp_path):
+    """Raised in an actor, pickled to the driver: the same class, message and fields (not Ray's
+    "Failed to deserialize exception")."""
+    import pickle
+
+    from raypdm.models.lpips_trunks import MissingTrunkError
+    from raypdm.models.weights import CorruptWeightsError, MissingWeightsError
+
+    errors = [MissingTrunkError("alex", tmp_path), MissingWeightsError("codeformer", [tmp_path / "a.pth"], "curl a"),
+              CorruptWeightsError("codeformer", tmp_path / "a.pth", "00", "ff", "curl a")]
+    for err in errors:
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)

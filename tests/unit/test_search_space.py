@@ -1,6 +1,7 @@
 """The noise-token search space and the sweep's result handling (no Ray)."""
 
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -92,4 +93,5 @@ def test_sweep_config_needs_data():
     with pytest.raises(ValueError, match="data"):
         SweepConfig(output="o", reference="r", space={"tokens": ["a1"]})
     cfg = SweepConfig(output="o", reference="r", data="d", space={"tokens": ["a1"], "data": {"x": "e"}})
-    assert cfg.data_uris() == {"default": "d", "x": "e"}
+    # Relative paths are absolute from the config on (against the working directory).
+    assert cfg.data_uris() == {"default": os.path.abspath("d"), "x": os.path.abspath("e")}

@@ -200,7 +200,8 @@ def test_resume_equals_straight_run(tmp_path):
 
 
 def test_image_order_is_deterministic_and_cycles():
-    trainer = DreamBoothTrainer(tiny_parts(), small_cfg(gradient_checkpointing=False), cdl_prompts())
+    # Posterior means, so the picked latents can be matched against the cache exactly.
+    trainer = DreamBoothTrainer(tiny_parts(), small_cfg(gradient_checkpointing=False, latents="mean"), cdl_prompts())
     trainer.cache_latents(images(3, 0), images(2, 1))
     inst_lat = trainer._latents[1]
     picked = []
@@ -212,6 +213,21 @@ def test_image_order_is_deterministic_and_cycles():
     assert sorted(picked[:3]) == [0, 1, 2] and sorted(picked[3:]) == [0, 1, 2]
     with pytest.raises(ValueError, match="class-prior"):
         trainer.cache_latents(images(1, 0), [])
+
+
+def test_sampled_latents_are_fresh_each_step_and_reproducible():
+    """latents="sample" (the paper's code): mean + std·ε, a new ε each step, the same ε for the same step."""
+    trainer = DreamBoothTrainer(tiny_parts(), small_cfg(gradient_checkpointing=False), cdl_prompts())
+    assert trainer.cfg.latents == "sample"
+    trainer.cache_latents(images(1, 0), images(1, 1))
+    mean, _ = trainer.cached_latents()
+    first, second, again = trainer.batch(0)[0], trainer.batch(1)[0], trainer.batch(0)[0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+    assert not torch.equal(first, mean[:1])
+    std = trainer._latents[2]
+    assert float(std.min()) > 0  # a real posterior, not a point mass
+    assert float((first - mean[:1]).abs().max()) < 10 * float(std.max())
 
 
 def test_export_loads_in_diffusers_and_generates(tmp_path):

@@ -1,0 +1,5 @@
+"""`python -m raypdm.cli ...` is `raypdm ...`."""
+
+from raypdm.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""Running a job from the table: layers -> validated config -> pre-flight -> Ray -> run -> tables.
+
+    yaml (--config) < smoke (--smoke: the table's smoke settings, then the YAML's `smoke:` section)
+        < flags < --set key=value                    (raypdm.config.merge_layers)
+    -> smoke inputs named (a synthetic dataset under the output when a smoke run has none)
+    -> validated config: every path absolute, every error with its full field path
+    -> --print-config: the resolved YAML, then exit
+    -> pre-flight, before Ray starts: every weight file the job will read is present
+    -> quiet Ray, the job's run function, its terminal tables
+
+`run_job` is the same path for the CLI, `jobs/*.py` and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from raypdm.cli.jobs import JobSpec, get_job, required_weights
+from raypdm.cli.runs import JobResult, RunContext
+from raypdm.config import ConfigError, merge_layers, read_yaml, validate_config
+
+__all__ = ["JobAbort", "job_data", "resolve_job_config", "preflight", "run_job"]
+
+
+class JobAbort(click.ClickException):
+    """A job that cannot start as asked (config, inputs, weights): one message, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def job_data(spec: JobSpec, *, config_path: str | None = None, smoke: bool = False,
+             flags: dict[str, Any] | None = None, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """The job's raw config data from its layers (see the module docstring)."""
+    yaml_data = read_yaml(config_path) if config_path else {}
+    smoke_layer: dict[str, Any] = {}
+    if smoke:
+        from raypdm.config import deep_merge
+
+        # What the smoke settings adapt to (the purifier chain, the method) comes from every layer.
+        seen = merge_layers(yaml_data=yaml_data, smoke=yaml_data.get("smoke"), flags=flags, overrides=overrides)
+        smoke_layer = deep_merge(spec.smoke(seen), yaml_data.get("smoke") or {})
+    return merge_layers(yaml_data=yaml_data, smoke=smoke_layer, flags=flags, overrides=overrides)
+
+
+def resolve_job_config(spec: JobSpec, data: dict[str, Any], *, smoke: bool, make_inputs: bool, source: str):
+    if smoke and spec.smoke_inputs is not None:
+        data = spec.smoke_inputs(data, make_inputs)
+    return validate_config(spec.config_class(), data, source)
+
+
+def preflight(spec: JobSpec, cfg) -> None:
+    """Fail before Ray starts when a weight file the job will read is missing (one error for all of them)."""
+    models, lpips = required_weights(spec.name, cfg)
+    if not models and not lpips:
+        return
+    from raypdm.models.preflight import check_models
+
+    check_models(models, getattr(cfg, "weights_dir", None), lpips=lpips)
+
+
+def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunContext | None = None,
+            source: str = "command line", print_config: bool = False) -> JobResult | None:
+    """Validate `data` as job `name`'s config, check its weights, and run it on Ray (started if needed)."""
+    spec = get_job(name)
+    ctx = ctx or RunContext()
+    try:
+        cfg = resolve_job_config(spec, data, smoke=smoke, make_inputs=False, source=source)
+    except ConfigError as exc:
+        raise JobAbort(str(exc)) from None
+    if print_config:
+        click.echo(cfg.to_yaml(), nl=False)
+        return None
+    try:
+        preflight(spec, cfg)
+    except FileNotFoundError as exc:  # MissingWeightsError and friends: names every file and the fetch command
+        raise JobAbort(str(exc)) from None
+    from raypdm.runtime import init_ray
+
+    if spec.needs_ray:
+        init_ray(quiet=not ctx.verbose)
+    if smoke and spec.smoke_inputs is not None:
+        # Now write what the smoke run was missing (the paths were already in the validated config).
+        spec.smoke_inputs(data, True)
+    return spec.run_function()(cfg, ctx)

@@ -1,0 +1,286 @@
+"""raypdm.train.loggers (backend checks, TensorBoard written and read back), the train job's `log_to`
+validation, the plain training lines of raypdm.ui, and the run labels of raypdm.pipelines.train."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from raypdm.pipelines.train import TrainJobConfig, _labels
+from raypdm.train import loggers as loggers_mod
+from raypdm.train.loggers import BACKENDS, TrainLoggers, TrainLogging, check_backends, open_loggers
+from raypdm.ui import TrainProgressView, train_line
+
+_real_find_spec = importlib.util.find_spec
+
+
+def _without(*missing: str):
+    def find_spec(name, *args, **kwargs):
+        if name in missing:
+            return None
+        return _real_find_spec(name, *args, **kwargs)
+
+    return find_spec
+
+
+# --------------------------------------------------------------------------- check_backends
+
+
+def test_check_backends_drops_repeats_and_keeps_order():
+    assert check_backends(["tensorboard", "tensorboard"]) == ["tensorboard"]
+    assert check_backends([]) == []
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError) as info:
+        check_backends(["tensorboard", "nope"])
+    message = str(info.value)
+    assert "'nope'" in message
+    for name in BACKENDS:
+        assert name in message
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr("raypdm.train.loggers.importlib.util.find_spec", _without("wandb"))
+    with pytest.raises(ValueError) as info:
+        check_backends(["tensorboard", "wandb"])
+    message = str(info.value)
+    assert "wandb" in message and "pip install" in message
+    assert "not installed" in message
+
+
+def test_missing_tensorboard_is_reported_too(monkeypatch):
+    monkeypatch.setattr(loggers_mod.importlib.util, "find_spec", _without("tensorboard"))
+    with pytest.raises(ValueError, match=r"tensorboard.*pip install 'tensorboard"):
+        check_backends(["tensorboard"])
+
+
+# --------------------------------------------------------------------------- TrainLogging
+
+
+def test_wants_images_every_n_and_at_the_end():
+    logging = TrainLogging(validation_every=3, validation_images=2)
+    assert [s for s in range(1, 11) if logging.wants_images(s, 10)] == [3, 6, 9, 10]
+
+
+def test_wants_images_never_when_off():
+    assert not any(TrainLogging(validation_every=0).wants_images(s, 5) for s in range(1, 6))
+    assert not any(TrainLogging(validation_every=1, validation_images=0).wants_images(s, 5) for s in range(1, 6))
+
+
+def test_train_logging_validates():
+    assert TrainLogging().log_to == ["tensorboard"]
+    with pytest.raises(ValidationError, match="log_to"):
+        TrainLogging(log_to=["nope"])
+    with pytest.raises(ValidationError, match="validation_images"):
+        TrainLogging(validation_images=17)
+
+
+# --------------------------------------------------------------------------- open_loggers
+
+
+def test_tensorboard_scalars_and_images_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "id000"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    with open_loggers(TrainLogging(log_to=["tensorboard"]), output=str(out), label="id000", config={}) as loggers:
+        assert isinstance(loggers, TrainLoggers) and len(loggers.backends) == 1
+        loggers.scalars(1, {"train/loss": 0.5, "train/lr": 1e-4})
+        loggers.scalars(2, {"train/loss": 0.25, "train/lr": 1e-4})
+        loggers.images(2, "validation", images, caption="a photo of sks person")
+        loggers.images(2, "empty", [])  # nothing to log: no tag
+    assert (out / "tensorboard").is_dir()
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([0.5, 0.25])
+    assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([1e-4, 1e-4])
+    assert "validation" in tags["images"]
+    assert not any(tag.startswith("empty") for tag in tags["images"])
+    shots = acc.Images("validation")
+    assert [shot.step for shot in shots] == [2]
+    assert (shots[0].width, shots[0].height) == (16, 8)  # the two 8x8 images side by side in one grid
+    assert any(tag.startswith("validation/prompt") for tag in tags["tensors"])
+
+
+def test_no_logging_config_means_no_backends(tmp_path):
+    with open_loggers(None, output=str(tmp_path / "id001"), label="id001", config={}) as loggers:
+        assert isinstance(loggers, TrainLoggers)
+        assert loggers.backends == []
+        loggers.scalars(1, {"train/loss": 1.0})  # no-ops
+        loggers.images(1, "validation", [np.zeros((8, 8, 3), np.uint8)])
+        loggers.sync()
+    assert not (tmp_path / "id001").exists()
+
+
+def test_empty_log_to_logs_nothing(tmp_path):
+    with open_loggers(TrainLogging(log_to=[]), output=str(tmp_path / "id002"), label="x", config={}) as loggers:
+        assert loggers.backends == []
+    assert not (tmp_path / "id002").exists()
+
+
+def test_backends_are_closed_even_when_the_run_fails(tmp_path, monkeypatch):
+    events = []
+
+    class FakeTensorBoard:
+        def __init__(self, output):
+            events.append(("open", output))
+
+        def scalars(self, step, values):
+            events.append(("scalars", step))
+
+        def close(self):
+            events.append(("close",))
+            raise RuntimeError("tracker down")  # must not hide the run's own error
+
+    monkeypatch.setattr(loggers_mod, "_TensorBoard", FakeTensorBoard)
+    with pytest.raises(ZeroDivisionError):
+        with open_loggers(TrainLogging(), output=str(tmp_path), label="x", config={}) as opened:
+            opened.scalars(1, {"train/loss": 1.0})
+            1 / 0  # noqa: B018
+    assert events == [("open", str(tmp_path)), ("scalars", 1), ("close",)]
+
+
+# --------------------------------------------------------------------------- the job config
+
+
+def test_job_config_rejects_an_unknown_logger():
+    with pytest.raises(ValidationError) as info:
+        TrainJobConfig(data="/d", output="/o", log_to=["nope"])
+    assert "log_to" in str(info.value)
+
+
+def test_job_config_rejects_a_logger_that_is_not_installed(monkeypatch):
+    monkeypatch.setattr("raypdm.train.loggers.importlib.util.find_spec", _without("wandb"))
+    with pytest.raises(ValidationError) as info:
+        TrainJobConfig(data="/d", output="/o", log_to=["wandb"])
+    message = str(info.value)
+    assert "log_to" in message and "pip install" in message and "wandb" in message
+
+
+def test_job_config_dedups_log_to():
+    cfg = TrainJobConfig(data="/d", output="/o", log_to=["tensorboard", "tensorboard"])
+    assert cfg.log_to == ["tensorboard"]
+    logging = cfg.logging_config("id000")
+    assert logging.log_to == ["tensorboard"] and logging.label == "id000"
+
+
+def test_job_config_mlflow_on_a_cloud_output_needs_a_tracking_uri(monkeypatch):
+    def find_spec(name, *args, **kwargs):  # pretend mlflow is installed
+        return object() if name == "mlflow" else _real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr("raypdm.train.loggers.importlib.util.find_spec", find_spec)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValidationError, match="mlflow_tracking_uri"):
+        TrainJobConfig(data="/d", output="memory://bucket/runs", log_to=["mlflow"])
+    cfg = TrainJobConfig(data="/d", output="/runs", log_to=["mlflow"])
+    assert cfg.logging_config("id000").tracking.mlflow_tracking_uri == "sqlite:////runs/mlflow.db"
+
+
+# --------------------------------------------------------------------------- plain training lines
+
+
+def test_train_line_while_training():
+    record = {"step": 5, "total": 10, "loss": 0.1234, "s_per_step": 0.5, "eta_s": 2.5, "phase": "training"}
+    line = train_line("id000", record, 10)
+    assert "5/10" in line
+    assert "loss 0.1234" in line
+    assert "0.50 s/step" in line
+    assert "ETA" in line and "0:02" in line
+    assert "attempt" not in line
+
+
+def test_train_line_in_another_phase():
+    line = train_line("id000", {"step": 0, "phase": "loading model"}, 10)
+    assert "loss -" in line and "- s/step" in line
+    assert "loading model" in line
+    assert "ETA" not in line
+    assert "0/10" in line  # the total falls back to the argument
+
+
+def test_train_line_shows_the_attempt_and_pads_the_label():
+    record = {"step": 3, "total": 9, "loss": 1.0, "phase": "training", "attempt": 2, "eta_s": 3725}
+    line = train_line("a", record, 9, width=5)
+    assert "attempt 2" in line
+    assert line.startswith("a    ")
+    assert "ETA 1:02:05" in line
+    assert train_line("a", None, 4).split() == ["a", "0/4", "loss", "-", "-", "s/step", "waiting"]
+
+
+def test_plain_view_prints_on_phase_changes_only():
+    lines: list[str] = []
+    view = TrainProgressView(["a", "b"], {"a": 10, "b": 10}, live=False, log=lines.append, plain_every_s=10)
+    assert view.live_mode is False
+    with view:
+        view.update({"a": {"label": "a", "phase": "loading model"}, "b": {"label": "b", "phase": "loading model"}})
+        assert len(lines) == 2
+        assert lines[0].startswith("a") and lines[1].startswith("b")
+        assert all("loading model" in line for line in lines)
+        view.update({"a": {"label": "a", "phase": "loading model"}, "b": {"label": "b", "phase": "loading model"}})
+        assert len(lines) == 2  # nothing changed: no new lines
+        view.update({"a": {"label": "a", "phase": "training", "step": 1, "total": 10, "loss": 0.5},
+                     "b": {"label": "b", "phase": "loading model"}})
+        assert len(lines) == 3
+        assert lines[2].startswith("a") and "1/10" in lines[2] and "loss 0.5000" in lines[2]
+        view.update({"a": {"label": "a", "phase": "training", "step": 2, "total": 10, "loss": 0.4},
+                     "b": {"label": "b", "phase": "loading model"}})
+        assert len(lines) == 3  # still training, within plain_every_s: no heartbeat yet
+
+
+def test_plain_view_heartbeat_while_training(monkeypatch):
+    import raypdm.ui as ui
+
+    now = [1000.0]
+    monkeypatch.setattr(ui.time, "monotonic", lambda: now[0])
+    lines: list[str] = []
+    view = TrainProgressView(["a"], {"a": 10}, live=False, log=lines.append, plain_every_s=10)
+    view.update({"a": {"phase": "training", "step": 1}})
+    now[0] += 5
+    view.update({"a": {"phase": "training", "step": 2}})
+    assert len(lines) == 1
+    now[0] += 5
+    view.update({"a": {"phase": "training", "step": 3}})
+    assert len(lines) == 2 and "3/10" in lines[-1]
+    now[0] += 60
+    view.update({"a": {"phase": "exporting", "step": 10}})
+    view.update({"a": {"phase": "exporting", "step": 10}})
+    assert len(lines) == 3 and "exporting" in lines[-1]  # outside training: no heartbeat, only changes
+
+
+def test_plain_view_skips_labels_without_records():
+    lines: list[str] = []
+    view = TrainProgressView(["a", "b"], {"a": 1, "b": 1}, live=False, log=lines.append)
+    view.update({"b": {"phase": "done", "step": 1}})
+    assert len(lines) == 1 and lines[0].startswith("b") and "done" in lines[0]
+
+
+# --------------------------------------------------------------------------- run labels
+
+
+def test_labels_drop_the_shared_prefix():
+    jobs = [{"job": {"output": "/r/models/id000"}}, {"job": {"output": "/r/models/id001"}}]
+    assert _labels(jobs) == ["id000", "id001"]
+
+
+def test_label_of_a_single_job_is_its_last_part():
+    assert _labels([{"job": {"output": "/r/models/id000/"}}]) == ["id000"]
+
+
+def test_labels_of_a_red_team_matrix():
+    jobs = [{"job": {"output": "/r/none/cdl/seed0/a"}}, {"job": {"output": "/r/codesr/cdl/seed0/a"}}]
+    assert _labels(jobs) == ["none/cdl/seed0/a", "codesr/cdl/seed0/a"]
+
+
+def test_labels_keep_at_least_the_last_part():
+    jobs = [{"job": {"output": "/r/x"}}, {"job": {"output": "/r/x/y"}}]
+    labels = _labels(jobs)
+    assert labels == ["x", "x/y"]
+    assert len(set(labels)) == len(labels)
