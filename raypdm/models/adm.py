@@ -436,6 +436,7 @@ SPEC = register(
         name=NAME,
         description="guided-diffusion (ADM) 256x256 unconditional ImageNet UNet, learned sigma, linear schedule",
         licence="code MIT (openai/guided-diffusion); weights: research use only (model card), no licence file",
+        restricted=True,
         licence_note=(
             "The guided-diffusion code is MIT. The checkpoint ships without a licence of its own; the model card "
             "says the models are intended for research purposes only and not for commercial deployment "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 
 import click
@@ -10,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from raypdm import models
+from raypdm.models import registry
 from raypdm.models.registry import fetch_command
 
 _STYLE = {"present": "green", "missing": "red", "corrupt": "bold red"}
@@ -102,20 +104,40 @@ def _size(n: int | None) -> str:
 
 
 @models_cli.command("fetch", help="Download registered weight files into <weights-dir>/<model>/ (resumable, "
-                    "sha256-checked); exit 1 if any file failed.")
+                    "sha256-checked); exit 1 if any file failed, 2 if a licence must be accepted first.")
 @click.option("--weights-dir", "-w", required=True, type=click.Path(file_okay=False),
               help="Folder to fill with one <model name>/ subfolder per model.")
 @click.option("--model", "-m", "names", multiple=True, help="Only this model (repeatable). Default: all.")
+@click.option("--for", "uses", multiple=True, type=click.Choice(sorted(registry.USES)),
+              help="Only what one use reads (repeatable): codesr (CodeSR purification), scoring (identity, "
+                   "quality, faithfulness), training (the base model), paper (the paper's whole protocol).")
+@click.option("--accept-licence", "accept", multiple=True, metavar="NAME",
+              help="Accept a restricted model's licence (non-commercial / research only; repeatable, or "
+                   "`all`). Recorded in the weights dir, so asked once.")
 @click.pass_context
-def fetch_cmd(ctx: click.Context, weights_dir: str, names: tuple[str, ...]) -> None:
+def fetch_cmd(ctx: click.Context, weights_dir: str, names: tuple[str, ...], uses: tuple[str, ...],
+              accept: tuple[str, ...]) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from raypdm.models.fetch import fetch_spec
+    from raypdm.models.licences import LicenceNotAccepted, gate
 
+    wanted = list(dict.fromkeys([*names, *(m for use in uses for m in registry.USES[use])]))
     try:
-        specs = [models.get(n) for n in (list(names) or models.list_models())]
+        specs = [models.get(n) for n in (wanted or models.list_models())]
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--model") from None
+    unknown = sorted(set(accept) - {"all"} - {s.name for s in specs})
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not among the models being fetched", param_hint="--accept-licence")
+    command = "raypdm models fetch --weights-dir " + shlex.quote(weights_dir) + "".join(
+        f" --model {n}" for n in names) + "".join(f" --for {u}" for u in uses)
+    try:
+        for spec in gate(specs, weights_dir, accept, command):
+            click.echo(f"{spec.name}: licence accepted: {spec.licence}\n  {spec.licence_note}", err=True)
+    except LicenceNotAccepted as e:
+        click.echo(f"error: {e}", err=True)
+        ctx.exit(2)
     console = _console()
     results = []
     # Hub files show huggingface_hub's own progress bars; URL files get one rich bar each.

@@ -551,6 +551,7 @@ SPEC = register(
         name=NAME,
         description="CodeFormer blind face restoration (VQGAN codebook + transformer code prediction), 512 px",
         licence="NTU S-Lab License 1.0 — NON-COMMERCIAL use only",
+        restricted=True,
         licence_note=(
             "NON-COMMERCIAL use only: the S-Lab License 1.0 allows use and redistribution for "
             "non-commercial purposes only, keeping the copyright notice and disclaimer; commercial use "

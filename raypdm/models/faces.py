@@ -577,6 +577,7 @@ ANTELOPE_SPEC = register(
         name=ANTELOPE,
         description="InsightFace antelopev2: SCRFD-10G face detector (5 landmarks) + ArcFace R100 (Glint360K), ONNX",
         licence="insightface code MIT; pretrained models NON-COMMERCIAL research use only",
+        restricted=True,
         licence_note=(
             "insightface states that its pretrained models, whether downloaded by hand or by the library, "
             "are for non-commercial research purposes only. Weights are not redistributed here."
@@ -596,6 +597,7 @@ VGG_SPEC = register(
         name=VGG,
         description="VGG-Face (Parkhi et al. 2015), deepface's PyTorch version: 4096-d fc7 descriptor, 224 px",
         licence="deepface MIT; VGG-Face weights by Oxford VGG — treat as non-commercial research use",
+        restricted=True,
         licence_note=(
             "The weight file is deepface's PyTorch conversion of Oxford VGG's VGG-Face model; deepface's "
             "code is MIT, the model's own terms come from its authors (research use). Not redistributed here."

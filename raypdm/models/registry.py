@@ -51,6 +51,9 @@ class ModelSpec:
     # Optional: layouts implied by the configs inside a model folder (diffusers `*/config.json`), so
     # a tiny or fine-tuned bundle saved in the hub layout is checked against its own architecture.
     config_layouts: Callable[[Path], Layouts] | None = None
+    # Terms that limit use (non-commercial, research only): `raypdm models fetch` prints the licence and
+    # downloads only after `--accept-licence NAME`, once per weights dir.
+    restricted: bool = False
 
     def model_dir(self, weights_dir: str | Path) -> Path:
         return Path(weights_dir) / self.name
@@ -103,6 +106,15 @@ def fetch_command(names: Iterable[str], weights_dir: str | Path) -> str:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+
+# What each use reads (`raypdm models fetch --for USE`); the README's "Real weights" gives each one's disk.
+USES: dict[str, tuple[str, ...]] = {
+    "codesr": ("codeformer", "sd-x4-upscaler", "lpips-alex"),
+    "scoring": ("antelopev2", "vggface", "clip-vit-b32", "liqe", "lpips-alex"),
+    "training": ("sd21-base",),
+    "paper": ("sd21-base", "codeformer", "sd-x4-upscaler", "adm256-uncond", "antelopev2", "vggface",
+              "clip-vit-b32", "liqe", "lpips-alex", "lpips-vgg"),
+}
 
 # Built-in models live in their own modules and register themselves when imported. Importing diffusers
 # and transformers costs seconds, so a module is imported only when one of its models is first asked

@@ -36,6 +36,7 @@ def _snapshot(root: Path) -> dict[Path, int]:
 # ------------------------------------------------------------------------------------ class priors
 
 
+@pytest.mark.slow
 def test_class_priors_cached_deterministic_and_resumable(ray_local, tmp_path):
     # batch_size 1: every image is drawn alone, so a regenerated image must be bit-identical.
     cfg = ClassPriorConfig(count=5, steps=2, resolution=32, batch_size=1, seed=3)

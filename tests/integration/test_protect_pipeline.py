@@ -24,6 +24,7 @@ def _png(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_advdm_stage_bound_copy_and_resume(ray_local, dataset, tmp_path):
     out = tmp_path / "advdm"
     cfg = ProtectJobConfig(input=str(dataset), output=str(out), method="advdm", options={"steps": 2, "resample": False},

@@ -150,6 +150,7 @@ def test_images_below_32_px_are_purified_with_nan_scores(reference_run):
 # ------------------------------------------------------------------------------ CodeSR: fused vs pools
 
 
+@pytest.mark.slow
 def test_codesr_fused_and_pools_layouts_agree(ray_local, tmp_path, scorer):
     data = tmp_path / "data"
     make_synthetic(str(data), identities=2, images=2, size=64, seed=7)  # set_B/C exist but are not selected

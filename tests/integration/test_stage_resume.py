@@ -28,6 +28,7 @@ def _snapshot(out):
     return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "_manifest_parts" not in str(p)}
 
 
+@pytest.mark.slow
 def test_broken_files_become_error_rows_and_rerun_writes_nothing(ray_local, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     _dataset_with_broken_files(data)

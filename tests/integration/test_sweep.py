@@ -9,7 +9,7 @@ import pytest
 from raypdm.data.synthetic import make_synthetic
 from raypdm.search.sweep import SweepConfig, run_sweep
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

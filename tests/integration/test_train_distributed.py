@@ -72,6 +72,7 @@ def assert_export_loads(export_uri: str) -> None:
     assert info["prompts"]["token"] == "t@j"
 
 
+@pytest.mark.slow
 def test_zero2_two_cpu_workers_trains_checkpoints_and_exports(ray_local, dataset, tmp_path):
     out = tmp_path / "id000"
     cfg = job(dataset, out, steps=4, backend="deepspeed", zero_stage=2, workers=2,
@@ -107,6 +108,7 @@ def test_zero2_two_cpu_workers_trains_checkpoints_and_exports(ray_local, dataset
     assert_export_loads(result.export_uri)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_and_continues_the_step_count(ray_local, dataset, tmp_path):
     out = tmp_path / "id000"
     flag = tmp_path / "failed-once"
@@ -129,6 +131,7 @@ def test_killed_worker_resumes_from_checkpoint_and_continues_the_step_count(ray_
     assert Path(result.export_uri, "model_index.json").exists()
 
 
+@pytest.mark.slow
 def test_ddp_single_worker(ray_local, dataset, tmp_path):
     out = tmp_path / "id000"
     cfg = job(dataset, out, steps=3, backend="ddp", workers=1, checkpoint_every=2, report_every=2, quality_every=2)

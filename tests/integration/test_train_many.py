@@ -7,7 +7,7 @@ from raypdm.config import ConfigError, resolve_config
 from raypdm.data.synthetic import make_synthetic
 from raypdm.pipelines.train import TrainJobConfig, run_train
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _config(data, out, **extra):

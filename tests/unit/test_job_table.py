@@ -182,3 +182,21 @@ def test_a_job_without_its_lpips_trunk_fails_before_ray_with_the_fix(job, args, 
     assert "--lpips random" in res.output
     assert "lpips_pretrained=False" not in res.output
     assert not started
+
+
+@pytest.mark.parametrize("spec", JOBS, ids=lambda s: s.name)
+def test_the_cli_and_the_job_script_resolve_one_config_and_it_round_trips(spec, tmp_path, monkeypatch, capsys):
+    """`raypdm <job> --smoke --print-config` == `jobs/<job>.py --smoke --print-config`, and the printed YAML
+    given back with `--config` resolves to the same config (nothing lost or renamed on the way)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--output", "out", "--smoke", "--print-config"]
+    res = CliRunner().invoke(cli, [*_command(spec), *args])
+    assert res.exit_code == 0, res.output
+    printed = yaml.safe_load(res.output)
+    capsys.readouterr()
+    assert job_main(spec.name, args) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    (tmp_path / "resolved.yaml").write_text(res.output)
+    again = CliRunner().invoke(cli, [*_command(spec), "--config", "resolved.yaml", "--print-config"])
+    assert again.exit_code == 0, again.output
+    assert yaml.safe_load(again.output) == printed

@@ -302,3 +302,40 @@ def test_url_file_read_back_as_a_state_dict(mirror, tmp_path):
     (res,) = fetch_models(tmp_path / "w", ["test-pickle"])
     assert res.status == "downloaded"
     assert torch.equal(read_state_dict(res.path)["weight"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_restricted_licence_is_accepted_once_before_anything_downloads(url_model, mirror, tmp_path):
+    from raypdm.models.licences import LICENCE_FILE
+
+    spec = models.register(dataclasses.replace(url_model[0], restricted=True, licence="NON-COMMERCIAL test terms"))
+    w = tmp_path / "w"
+    refused = CliRunner().invoke(models_cli, ["fetch", "-w", str(w), "-m", spec.name])
+    assert refused.exit_code == 2, refused.output
+    assert "NON-COMMERCIAL test terms" in refused.output and f"--accept-licence {spec.name}" in refused.output
+    assert mirror.requests == [] and not (w / spec.name).exists()  # refused before any byte moved
+    ok = CliRunner().invoke(models_cli, ["fetch", "-w", str(w), "-m", spec.name, "--accept-licence", spec.name])
+    assert ok.exit_code == 0, ok.output
+    assert (w / spec.name / "net.pth").read_bytes() == url_model[2]
+    assert json.loads((w / LICENCE_FILE).read_text())[spec.name]["licence"] == "NON-COMMERCIAL test terms"
+    again = CliRunner().invoke(models_cli, ["fetch", "-w", str(w), "-m", spec.name])  # accepted once is enough
+    assert again.exit_code == 0 and "already present" in again.output, again.output
+    models.register(dataclasses.replace(spec, licence="NON-COMMERCIAL test terms, version 2"))
+    changed = CliRunner().invoke(models_cli, ["fetch", "-w", str(w), "-m", spec.name])
+    assert changed.exit_code == 2 and "version 2" in changed.output  # new terms are asked for again
+    typo = CliRunner().invoke(models_cli, ["fetch", "-w", str(w), "-m", spec.name, "--accept-licence", "codefromer"])
+    assert typo.exit_code == 2 and "codefromer" in typo.output
+
+
+def test_for_a_use_fetches_what_that_use_reads(url_model, hub_model, mirror, tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.USES, "scoring", ("test-url",))
+    res = CliRunner().invoke(models_cli, ["fetch", "-w", str(tmp_path / "w"), "--for", "scoring"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "w").iterdir() if not p.name.startswith(".")) == ["test-url"]
+
+
+def test_every_use_names_registered_models_and_restricted_ones_say_so():
+    for use, names in registry.USES.items():
+        for name in names:
+            models.get(name)  # a typo in USES fails here
+    assert registry.USES["paper"] and set(registry.USES["codesr"]) <= set(registry.USES["paper"])
+    assert models.get("codeformer").restricted and not models.get("sd21-base").restricted
