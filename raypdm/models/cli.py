@@ -55,11 +55,15 @@ def list_cmd() -> None:
 @click.option("--weights-dir", "-w", required=True, type=click.Path(file_okay=False),
               help="Folder holding one <model name>/ subfolder per model.")
 @click.option("--model", "-m", "names", multiple=True, help="Only this model (repeatable). Default: all.")
+@click.option("--for", "uses", multiple=True, type=click.Choice(sorted(registry.USES)),
+              help="Only what one use reads (repeatable; the same sets as `models fetch --for`).")
 @click.option("--no-hash", is_flag=True, help="Skip sha256 (hashing multi-GB files takes a while).")
 @click.pass_context
-def check_cmd(ctx: click.Context, weights_dir: str, names: tuple[str, ...], no_hash: bool) -> None:
+def check_cmd(ctx: click.Context, weights_dir: str, names: tuple[str, ...], uses: tuple[str, ...],
+              no_hash: bool) -> None:
+    wanted = list(dict.fromkeys([*names, *(m for use in uses for m in registry.USES[use])]))
     try:
-        statuses = models.check_weights(weights_dir, list(names) or None, verify_hashes=not no_hash)
+        statuses = models.check_weights(weights_dir, wanted or None, verify_hashes=not no_hash)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--model") from None
     console = _console()

@@ -339,3 +339,11 @@ def test_every_use_names_registered_models_and_restricted_ones_say_so():
             models.get(name)  # a typo in USES fails here
     assert registry.USES["paper"] and set(registry.USES["codesr"]) <= set(registry.USES["paper"])
     assert models.get("codeformer").restricted and not models.get("sd21-base").restricted
+
+
+def test_check_for_a_use_lists_only_what_that_use_reads(tmp_path):
+    res = CliRunner().invoke(models_cli, ["check", "-w", str(tmp_path / "w"), "--for", "codesr", "--no-hash"])
+    assert res.exit_code == 1, res.output  # nothing there yet
+    for name in registry.USES["codesr"]:
+        assert name in res.output
+    assert "sd21-base" not in res.output
