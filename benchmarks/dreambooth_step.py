@@ -3,6 +3,8 @@
     python benchmarks/dreambooth_step.py --out benchmarks/results                     # tiny preset, CPU
     python benchmarks/dreambooth_step.py --out r --preset full --resolution 512 --device gpu \\
         --configs "bf16:1,zero2:1"                                                  # on a GPU node
+    python benchmarks/dreambooth_step.py --out r --configs ddp:1 --log-every 1 --log-to none  # loggers' overhead:
+    python benchmarks/dreambooth_step.py --out r --configs ddp:1 --log-every 1 --log-to tensorboard
 
 Makes one synthetic identity (2 images) and 2 class-prior images once, then for every config trains that
 identity with `run_identity_training` for --steps steps. Checkpoints and validation losses happen only at
@@ -120,6 +122,7 @@ def make_data(root: Path, resolution: int, preset: str, gpu: bool) -> tuple[str,
 def run_one(name, backend, stage, workers, args, data, classes, identity, work: Path) -> dict:
     from raypdm.train import TrainConfig, cdl_prompts
     from raypdm.train.distributed import DistributedConfig, IdentityTrainJob, run_identity_training
+    from raypdm.train.loggers import TrainLogging
 
     gpu = args.device == "gpu"
     probe_dir = Path(tempfile.mkdtemp(prefix=f"probe-{name.replace(':', '-')}-", dir=work))
@@ -134,9 +137,16 @@ def run_one(name, backend, stage, workers, args, data, classes, identity, work: 
     train = {"steps": args.steps, "lr": 1e-5, "resolution": args.resolution, "seed": 1}
     if gpu and name.startswith("bf16"):
         train["mixed_precision"] = "bf16"
+    # --log-to none: no logger at all (the baseline for the loggers' overhead); otherwise those backends
+    # log scalars every `log_every` steps; validation images only at the last step (outside the timed steps)
+    log_to = [] if args.log_to == "none" else args.log_to.split(",")
+    if args.log_every:  # reports (Ray Train metrics + the loggers' scalars) every N steps, in both runs
+        dist["report_every"] = args.log_every
+    logs = TrainLogging(log_to=log_to, validation_every=big)
+    row["log_to"] = args.log_to
     job = IdentityTrainJob(identity=identity, data=data, output=str(work / "runs" / name.replace(":", "-")),
                            class_images=classes, preset=args.preset, train=TrainConfig(**train),
-                           prompts=cdl_prompts(), distributed=DistributedConfig(**dist))  # fmt: skip
+                           prompts=cdl_prompts(), distributed=DistributedConfig(**dist), logs=logs)  # fmt: skip
     t0 = time.perf_counter()
     try:
         result = run_identity_training(job, step_hook=StepProbe(str(probe_dir)))
@@ -211,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
     p.add_argument("--configs", default="ddp:1,ddp:2,zero2:1,zero2:2")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--log-to", default="tensorboard",
+                   help="none, or loggers as `raypdm train --log-to` takes them (tensorboard,wandb,mlflow)")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="steps between reports and logged scalars (0: only at the end; 1: the worst case)")
     args = p.parse_args(argv)
     if args.steps <= WARMUP + 1:
         p.error(f"--steps must be > {WARMUP + 1} (the first {WARMUP} steps are warm-up)")
