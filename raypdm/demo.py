@@ -116,6 +116,7 @@ def run_demo(cfg: DemoConfig, ctx=None) -> DemoResult:
     from raypdm.pipelines.purify import PurifyConfig, run_purify
     from raypdm.pipelines.redteam import RedteamPlan, run_redteam
     from raypdm.pipelines.sample import run_sample
+    from raypdm.pipelines.stage import StageSummary
     from raypdm.pipelines.train import run_train_many
     from raypdm.runtime import init_ray
 
@@ -244,8 +245,13 @@ def run_demo(cfg: DemoConfig, ctx=None) -> DemoResult:
                               "(stages 2, 4-7 resume)"))
         t_rt = time.perf_counter()
         rt = run_redteam(rt_cfg, log=say, progress=show, show_stages=False)
-        result.summaries.append(_TrainSummary(f"red-team matrix ({len(cells)} cells)", rt_cfg.output,
-                                              len(rt["results"]), time.perf_counter() - t_rt))
+        # The matrix's row adds up its own stages (images, and identity trainings): what the stages above
+        # had already done shows as resumed, so the table says the matrix reused them.
+        inner = rt["summaries"]
+        result.summaries.append(StageSummary(
+            f"red-team matrix ({len(cells)} cells)", rt_cfg.output, total=sum(s.total for s in inner),
+            processed=sum(s.processed for s in inner), skipped=sum(s.skipped for s in inner),
+            errors=sum(s.errors for s in inner), seconds=time.perf_counter() - t_rt))  # fmt: skip
         _print_table_md(rt["tables"].get("table1"))
         console.print(step(10, f"report: {rt['report']}"))
         result.outputs["redteam"] = rt_cfg.output

@@ -290,6 +290,7 @@ def run_redteam(cfg: RedteamConfig, *, log=print, progress: bool = False, show_s
     from raypdm.pipelines.protect import run_protect
     from raypdm.pipelines.purify import run_purify
     from raypdm.pipelines.sample import run_sample
+    from raypdm.pipelines.stage import StageSummary
     from raypdm.pipelines.train import run_train_many
     from raypdm.runtime import init_ray
     from raypdm.ui import stage_summary_table
@@ -322,10 +323,19 @@ def run_redteam(cfg: RedteamConfig, *, log=print, progress: bool = False, show_s
     # All cells' identities train in one Ray Tune fan-out: they share the cluster's GPUs at once.
     train_cfgs = [plan.train_config(cell) for cell in cells]
     log(f"train: {len(cells)} cells (protection × purifier × mode × seed)")
+    t_train = time.perf_counter()
+    # one row of the stage table for the whole fan-out, counted in identity trainings
+    train_row = StageSummary(f"train ({len(cells)} cells)", cfg.output)
     for cell, tcfg, outcomes in zip(cells, train_cfgs, run_train_many(train_cfgs, log=lambda msg: None, progress=progress)):
         failed = [o["identity"] for o in outcomes if o["status"] == "failed"]
         if failed:
             log(f"  {cell.path()}: training failed for {failed}: see {tcfg.output}/train_summary.parquet")
+        train_row.total += len(outcomes)
+        train_row.errors += len(failed)
+        train_row.skipped += sum(o["status"] == "skipped" for o in outcomes)
+    train_row.processed = train_row.total - train_row.skipped - train_row.errors
+    train_row.seconds = time.perf_counter() - t_train
+    summaries.append(train_row)
     eval_dirs: list[tuple[_Cell, str]] = []
     for i, cell in enumerate(cells, 1):
         log(f"sample + evaluate {i}/{len(cells)}: {cell.path()}")

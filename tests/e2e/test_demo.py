@@ -127,6 +127,11 @@ def test_the_matrix_reuses_the_stages_the_demo_ran(demo):
         assert not rows.duplicated(subset=["identity", "split", "name"]).any(), stage
     attempts = list(rt.glob("train/advdm/codesr/cdl/seed0/*/attempts/*"))
     assert len(attempts) == 2, attempts  # one worker-group start per identity: trained once, in stage 5
+    # and the stage table says so: the matrix's row counts what stages 2-7 did as resumed (protect 8,
+    # purify 8, train 4, sample 4 + evaluate 4 of codesr + cdl); only the baseline cell's sample and
+    # evaluate rows are new
+    inputs, done, resumed, errors = stage_table(demo["first"].stdout)["red-team matrix (2 cells)"]
+    assert errors == 0 and resumed >= 8 + 8 + 4 + 4 + 4 and done == inputs - resumed, (inputs, done, resumed)
 
 
 def stage_table(stdout: str) -> dict[str, list[int]]:
@@ -155,6 +160,8 @@ def test_a_rerun_resumes_everything(demo):
         inputs, done, resumed, errors = rows[name]
         assert done == 0 and resumed == inputs and errors == 0, (name, rows[name])
     assert "train: 0 trained, 4 skipped" in again
+    inputs, done, resumed, errors = rows["red-team matrix (2 cells)"]
+    assert done == 0 and resumed == inputs > 0 and errors == 0
     attempts = list((demo["out"] / "redteam").glob("train/*/*/*/seed0/*/attempts/*"))
     assert len(attempts) == 2 * 2  # no identity trained again
 
