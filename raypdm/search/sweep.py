@@ -161,6 +161,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     from raypdm.config import save_resolved_config
     from raypdm.data.uri import join
     from raypdm.runtime import init_ray
+    from raypdm.search.progress import SweepProgress, expected_trials
     from raypdm.train.priors import class_prior_cache, generate_class_images
     from raypdm.train.prompts import cdl_prompts
 
@@ -185,6 +186,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=cfg, class_images=class_images), resources)
     storage = _storage(cfg.output)
     path = join(storage, EXPERIMENT)
+    progress = SweepProgress(expected_trials(space, cfg.search, cfg.num_samples), log)
     if tune.Tuner.can_restore(path):
         log(f"resuming the sweep at {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)
@@ -198,7 +200,8 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
                 max_concurrent_trials=cfg.max_concurrent if cfg.search != "optuna" else None,
             ),
             run_config=tune.RunConfig(storage_path=storage, name=EXPERIMENT,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=0),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=0,
+                                      callbacks=[progress]),
         )
     grid = tuner.fit()
     trials = _trial_table(grid, reports)
