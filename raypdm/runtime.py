@@ -13,6 +13,7 @@ full logs stay in the session folder (`<RAY_TMPDIR or /tmp/ray>/session_latest/l
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -208,6 +209,29 @@ def default_device(prefer: str | None = None) -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+# Driver-side settings the workers must see too. A local cluster's workers inherit the driver's
+# environment; a running cluster's (RAY_ADDRESS, `ray job submit`) get them through the runtime env.
+PROPAGATED_ENV = ("RAYPDM_NO_VERIFY",)
+
+
+def _propagated_runtime_env(given: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`given` plus the PROPAGATED_ENV variables set here. Ray merges a job's runtime env with ray.init's
+    per env var and refuses the same key in both, so a key the submitted job already sets is left out."""
+    import json
+
+    env_vars = {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k)}
+    if not env_vars:
+        return given
+    job_env: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # set by Ray's job manager in a submitted job's driver
+        job_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env", {}).get("env_vars", {}) or {}
+    merged = dict(given or {})
+    extra = {**(merged.get("env_vars") or {}), **{k: v for k, v in env_vars.items() if k not in job_env}}
+    if extra:
+        merged["env_vars"] = extra
+    return merged or None
+
+
 def init_ray(
     *,
     address: str | None = None,
@@ -235,6 +259,9 @@ def init_ray(
         opts["logging_level"] = logging.WARNING
     opts.update(kwargs)
     if address:
+        runtime_env = _propagated_runtime_env(opts.pop("runtime_env", None))
+        if runtime_env:
+            opts["runtime_env"] = runtime_env
         ray.init(address=address, **opts)
     else:
         if num_gpus is None:

@@ -1,11 +1,16 @@
-"""Terminal output: progress bars for long work, live training lines, and tables for results (rich)."""
+"""Terminal output: progress bars for long work, live training lines, and tables for results (rich).
+
+Results (tables, a stage's name, the final summary) go to stdout; progress goes to stderr, so
+`raypdm ... > results.txt` keeps the results and the terminal keeps the bars. Progress is live when stderr
+is a terminal, one plain line per `PLAIN_PERCENT`% of the work when it is not (logs, CI), and nothing at all
+after `set_progress(False)` (the CLI's `--no-progress`/`--quiet`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,27 +22,77 @@ from rich.table import Table
 
 # Logs and CI are not terminals; rich would squeeze tables into 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
+progress_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
-__all__ = ["console", "stage_progress", "print_table", "stage_summary_table", "TrainProgressView", "train_line"]
+__all__ = ["console", "progress_console", "stage_progress", "print_table", "stage_summary_table",
+           "TrainProgressView", "train_line", "set_progress", "plain_counter", "progress_enabled", "progress_line",
+           "PLAIN_PERCENT"]
+
+PLAIN_PERCENT = 10  # off a terminal: one progress line per this much of a stage's (or a run's) work
+
+_progress = {"enabled": True}
+
+
+def set_progress(enabled: bool) -> None:
+    """Show progress (the default) or none at all, for this process (`--no-progress`, `--quiet`)."""
+    _progress["enabled"] = bool(enabled)
+
+
+def progress_enabled() -> bool:
+    return _progress["enabled"]
+
+
+def progress_line(text: str) -> None:
+    """One plain progress line on stderr; nothing once progress is off."""
+    if _progress["enabled"]:
+        progress_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def percent_bucket(done: int, total: int, percent: int = PLAIN_PERCENT) -> int:
+    """Which `percent`-wide slice of the work `done` of `total` is in (the last one only when complete)."""
+    if total <= 0:
+        return 0
+    return min(100, done * 100 // total) // max(1, percent)
+
+
+def plain_counter(unit: str = "images", indent: str = "  ",
+                  percent: int = PLAIN_PERCENT) -> Callable[[int, int], None] | None:
+    """A `progress(done, total)` callback that prints `done/total unit (p%)` to stderr once per `percent`%
+    of the work (None when progress is off): for work too short-lived or too nested for a bar."""
+    if not progress_enabled():
+        return None
+    last = [-1]
+
+    def plain(done: int, total: int) -> None:
+        bucket = percent_bucket(done, total, percent)
+        if total and bucket != last[0]:
+            last[0] = bucket
+            progress_line(f"{indent}{done}/{total} {unit} ({done * 100 // total}%)")
+
+    return plain
 
 
 @contextlib.contextmanager
 def stage_progress(description: str, enabled: bool = True) -> Iterator[Any]:
-    """Yield a `progress(done, total)` callback that drives one bar; disabled (`--no-progress`, logs, CI),
-    the stage's name is printed once and no callback is given."""
-    if not enabled:
-        console.print(description, highlight=False)
+    """Print the stage's name (stdout) and yield a `progress(done, total)` callback for its progress on stderr:
+    a bar on a terminal, a line per `PLAIN_PERCENT`% otherwise. Without progress (`enabled=False`,
+    `--no-progress`) only the name is printed and no callback is given."""
+    console.print(description, highlight=False)
+    if not (enabled and progress_enabled()):
         yield None
         return
+    if not progress_console.is_terminal:
+        yield plain_counter()
+        return
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("  "),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("images"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
-        transient=False,
+        console=progress_console,
+        transient=True,  # the stage's table (stdout) says how it ended
     ) as bar:
         task = bar.add_task(description, total=None)
 
@@ -100,21 +155,23 @@ def train_line(label: str, record: dict[str, Any] | None, total: int, width: int
 
 
 class TrainProgressView:
-    """One line per training run, fed by `update(records)` (the progress board's snapshot).
+    """One line per training run, fed by `update(records)` (the progress board's snapshot), on stderr.
 
-    live=True on a terminal: a rich Live block redrawn in place (it stays on screen when training ends).
-    Otherwise plain lines through `log`: a run's line when its phase changes and at most every
-    `plain_every_s` seconds while it trains, so logs and CI get a heartbeat, not a flood."""
+    enabled and stderr a terminal: a rich Live block redrawn in place (it stays on screen when training
+    ends). Enabled elsewhere (logs, CI): plain lines through `log`, a run's line when its phase changes and
+    when its steps cross another `plain_percent`% of the total, so logs get a heartbeat, not a flood.
+    Not enabled (`--no-progress`): nothing."""
 
-    def __init__(self, labels: Sequence[str], totals: dict[str, int], *, live: bool = True,
-                 log: Callable[[str], None] = console.print, plain_every_s: float = 10.0,
+    def __init__(self, labels: Sequence[str], totals: dict[str, int], *, enabled: bool = True,
+                 log: Callable[[str], None] | None = None, plain_percent: int = PLAIN_PERCENT,
                  out: Console | None = None):
         self.labels, self.totals = list(labels), dict(totals)
-        self.out = out or console
-        self.live_mode = live and self.out.is_terminal
-        self.log, self.plain_every_s = log, plain_every_s
+        self.out = out or progress_console
+        self.enabled = enabled and progress_enabled()
+        self.live_mode = self.enabled and self.out.is_terminal
+        self.log, self.plain_percent = log or progress_line, plain_percent
         self.records: dict[str, dict[str, Any]] = {}
-        self._printed: dict[str, tuple[str, float]] = {}  # label -> (phase, time) of the last plain line
+        self._printed: dict[str, tuple[str, int]] = {}  # label -> (phase, percent bucket) of the last plain line
         self._lock = threading.Lock()
         self._live: Live | None = None
         self._width = max((len(label) for label in self.labels), default=0)
@@ -136,20 +193,21 @@ class TrainProgressView:
             self.records = {k: dict(v) for k, v in records.items()}
             if self._live is not None:
                 self._live.update(self._render())
-            else:
+            elif self.enabled:
                 self._plain_lines()
 
     def _plain_lines(self) -> None:
-        now = time.monotonic()
         for label in self.labels:
             record = self.records.get(label)
             if record is None:
                 continue
             phase = record.get("phase", "")
+            total = record.get("total", self.totals.get(label, 0)) or 0
+            bucket = percent_bucket(int(record.get("step", 0) or 0), int(total), self.plain_percent)
             last = self._printed.get(label)
-            due = last is None or last[0] != phase or (phase == "training" and now - last[1] >= self.plain_every_s)
+            due = last is None or last[0] != phase or (phase == "training" and bucket != last[1])
             if due:
-                self._printed[label] = (phase, now)
+                self._printed[label] = (phase, bucket)
                 self.log(train_line(label, record, self.totals.get(label, 0), self._width))
 
     def _render(self) -> Table:

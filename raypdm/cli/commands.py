@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -43,8 +44,11 @@ def _common_options(fn):
     decorators = [
         click.option("-v", "--verbose", "job_verbose", is_flag=True,
                      help="show Ray's own logs, progress bars and library warnings"),
-        click.option("--no-progress", is_flag=True, help="plain output (logs, CI): no progress bars"),
+        click.option("--no-progress", "-q", "--quiet", "no_progress", is_flag=True,
+                     help="no progress (bars, training and trial lines); results and tables still print"),
         click.option("--print-config", is_flag=True, help="print the resolved config (YAML) and exit"),
+        click.option("--no-verify", is_flag=True,
+                     help="load weight files without checking their pinned sha256 (you vouch for them; logged)"),
         click.option("--smoke", is_flag=True,
                      help="tiny models, few images and steps (a synthetic dataset when no input is given)"),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -68,6 +72,13 @@ def build_job_command(spec: JobSpec) -> click.Command:
                 _import(action)()
                 return
         verbose = bool(params.pop("job_verbose", False) or (ctx.find_root().obj or {}).get("verbose"))
+        if params.pop("no_verify", False) and not params["print_config"]:
+            from raypdm.models.verify import NO_VERIFY_ENV
+
+            # Read where models load: this process, and the workers (`init_ray` carries it to the cluster).
+            os.environ[NO_VERIFY_ENV] = "1"
+            click.echo(f"--no-verify: weight files are loaded without checking their sha256 ({NO_VERIFY_ENV}=1)",
+                       err=True)
         if "field_output" in params and params.get("flag_out") is not None and params["field_output"] is None:
             params["field_output"] = params["flag_out"]
         flags = flag_values(config_cls, spec.flags, params)

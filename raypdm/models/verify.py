@@ -20,10 +20,31 @@ from pathlib import Path
 from raypdm.models.registry import ModelSpec
 from raypdm.models.weights import CorruptWeightsError, custom_architecture, sha256_file
 
-__all__ = ["CACHE_NAME", "file_sha256", "remember", "user_cache_dir", "verify_file", "verify_model"]
+__all__ = ["CACHE_NAME", "NO_VERIFY_ENV", "file_sha256", "remember", "user_cache_dir", "verification_off",
+           "verify_file", "verify_model"]
 
 log = logging.getLogger(__name__)
 CACHE_NAME = ".raypdm-sha256.json"
+# `--no-verify` on any job sets this in the driver; `init_ray` carries it to the cluster's workers (see
+# raypdm.runtime.PROPAGATED_ENV), where the models are loaded.
+NO_VERIFY_ENV = "RAYPDM_NO_VERIFY"
+_unverified: set[str] = set()
+
+
+def verification_off() -> bool:
+    """True when the user turned load-time sha256 checks off (`--no-verify`, or RAYPDM_NO_VERIFY=1)."""
+    return os.environ.get(NO_VERIFY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _skip(model: str) -> bool:
+    """Whether to skip verifying `model`; says so in the log, once per model and process."""
+    if not verification_off():
+        return False
+    if model not in _unverified:
+        _unverified.add(model)
+        log.warning("%s: weight files NOT verified against their pinned sha256 (--no-verify / %s=1): "
+                    "they are loaded as they are", model, NO_VERIFY_ENV)
+    return True
 
 
 def user_cache_dir() -> Path:
@@ -95,6 +116,8 @@ def _remember(key: str, st: os.stat_result, digest: str, root: str | Path | None
 
 def verify_file(model: str, path: Path, expected: str, fetch: str, root: str | Path | None = None) -> None:
     """`CorruptWeightsError` (naming the file, both hashes and `fetch`) unless `path` hashes to `expected`."""
+    if _skip(model):
+        return
     found = file_sha256(path, root)
     if found != expected:
         raise CorruptWeightsError(model, Path(path).absolute(), expected, found, fetch)
@@ -106,6 +129,8 @@ def verify_model(spec: ModelSpec, weights_dir: str | Path) -> None:
     A pickle fallback (another file name) and a tiny/custom-config bundle in the hub layout are not the
     pinned file by design: the first is read with weights_only=True, the second is layout-checked.
     """
+    if _skip(spec.name):
+        return
     model_dir = spec.model_dir(weights_dir)
     for wf in spec.files:
         target = model_dir / wf.path

@@ -149,12 +149,13 @@ def run_train(cfg: TrainJobConfig, *, log=print, progress: bool = True) -> list[
     return run_train_many([cfg], log=log, progress=progress)[0]
 
 
-def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
+def _plan(cfg: TrainJobConfig, log, progress: bool = True) -> tuple[list[IdentityOutcome], list[dict]]:
     """(outcomes of identities already done, Tune specs of the ones to train) for one config."""
     from raypdm.config import save_resolved_config
     from raypdm.runtime import ray_resources
     from raypdm.train.distributed import IdentityTrainJob
     from raypdm.train.priors import class_prior_cache, generate_class_images
+    from raypdm.ui import plain_counter
 
     identities = _identities(cfg)
     prompts = cfg.prompts()
@@ -174,7 +175,8 @@ def _plan(cfg: TrainJobConfig, log) -> tuple[list[IdentityOutcome], list[dict]]:
     save_resolved_config(cfg, cfg.output, "train_config.yaml")
 
     log(f"class priors: {prior_cfg.count} images of {prior_cfg.prompt!r} (cached, shared by every identity)")
-    class_images = generate_class_images(prior_cfg, class_prior_cache(cfg.class_prior, cfg.output))
+    class_images = generate_class_images(prior_cfg, class_prior_cache(cfg.class_prior, cfg.output),
+                                         progress=plain_counter("class images", indent="      ") if progress else None)
 
     done_outcomes: list[IdentityOutcome] = []
     jobs = []
@@ -247,7 +249,7 @@ def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = N
             said.add(message)
             log(message)
 
-    planned = [_plan(cfg, once) for cfg in cfgs]
+    planned = [_plan(cfg, once, progress) for cfg in cfgs]
     outcomes: list[list[IdentityOutcome]] = [list(done) for done, _ in planned]
     jobs = []
     for k, (_, specs) in enumerate(planned):
@@ -272,9 +274,11 @@ def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = N
                 verbose=0,
             ),
         )
+        # Progress on stderr (live on a terminal, a line per 10% otherwise, none with `progress=False`);
+        # `log` keeps the run's own messages.
         view = TrainProgressView([j["job"]["logs"]["label"] for j in jobs],
                                  {j["job"]["logs"]["label"]: j["job"]["train"]["steps"] for j in jobs},
-                                 live=progress, log=log)
+                                 enabled=progress)
         try:
             with view, follow(board, view.update):
                 grid = tuner.fit()

@@ -51,7 +51,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline
 from pydantic import Field, field_validator, model_validator
 
 from raypdm.purify.base import (
@@ -157,6 +156,10 @@ class _LatentSDEditPurifier(Purifier):
             self.weights = "random"
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.requires_grad_(False)  # inference only: no autograd bookkeeping
+        # Imported here, not at the top: diffusers' pipelines take ~4 s to import, and every process that
+        # touches the purifier registry (the driver validating a JPEG config, each Ray Data task) would pay it.
+        from diffusers import DDPMScheduler, StableDiffusionImg2ImgPipeline
+
         self.pipe = StableDiffusionImg2ImgPipeline(
             vae=parts.vae,
             text_encoder=parts.text_encoder,

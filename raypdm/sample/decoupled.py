@@ -27,21 +27,18 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
 from pydantic import Field, field_validator
 
 from raypdm.config import StrictModel
 from raypdm.train.prompts import CDLPrompts
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -55,12 +52,28 @@ __all__ = [
 ]
 
 DEFAULT_PROMPTS = ("a photo of sks person", "a smiling photo of sks person")
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "pndm": PNDMScheduler,
-}
+
+
+class _Schedulers(Mapping[str, type]):
+    """Scheduler name -> diffusers class, imported on first lookup: importing diffusers takes seconds, and
+    a driver that only validates a sampling config (or a Ray worker that only unpickles one) never needs it."""
+
+    _CLASSES = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+                "pndm": "PNDMScheduler"}
+
+    def __getitem__(self, name: str) -> type:
+        import diffusers
+
+        return getattr(diffusers, self._CLASSES[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._CLASSES)
+
+    def __len__(self) -> int:
+        return len(self._CLASSES)
+
+
+SCHEDULERS: Mapping[str, type] = _Schedulers()
 # PNDM as the SD hub configures it: its Runge-Kutta warm-up breaks below ~4 steps and SD never used it.
 _SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
 _SEED_BITS = 63  # fits Parquet int64 and torch.Generator.manual_seed

@@ -23,10 +23,11 @@ def expected_trials(space: dict[str, Any], search: str, num_samples: int) -> int
 
 
 class SweepProgress(Callback):
-    """One line per finished trial (every ~5% past 40 trials), to `log`:
+    """One line per finished trial (every ~5% past 40 trials), to `log` (default: the progress stream on
+    stderr, silent under `--no-progress`):
     `trials 3/8 done (1 error), best score 0.912: token 'bhi', template 'with {token} noisy pattern'`."""
 
-    def __init__(self, total: int, log: Callable[[str], None], metric: str = "score"):
+    def __init__(self, total: int, log: Callable[[str], None] | None = None, metric: str = "score"):
         self.total = total
         self.log = log
         self.metric = metric
@@ -37,8 +38,8 @@ class SweepProgress(Callback):
         self._finished: dict[Any, bool] = {}  # trial id -> errored
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its RunConfig (callbacks included) into the experiment state; the log function (a
-        # console holding locks) stays behind: a restored copy counts, but prints nothing.
+        # Tune pickles its RunConfig (callbacks included) into the experiment state; a log function (a
+        # console holding locks) stays behind. A restored copy (a resumed sweep) prints to the progress stream.
         return {**self.__dict__, "log": None}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -55,8 +56,6 @@ class SweepProgress(Callback):
         self._report(trials)
 
     def _report(self, trials) -> None:
-        if self.log is None:
-            return
         finished = {_trial_id(t): t.status == "ERROR" for t in trials if t.status in ("TERMINATED", "ERROR")}
         finished.update(self._finished)
         done, errors = len(finished), sum(finished.values())
@@ -69,7 +68,13 @@ class SweepProgress(Callback):
             score, config = self.best
             what = ", ".join(f"{k} {v!r}" for k, v in config.items() if k in ("token", "template", "data"))
             line += f", best {self.metric} so far {score:.3f}: {what}"
-        self.log(line)
+        (self.log or _progress_line)(line)
+
+
+def _progress_line(line: str) -> None:
+    from raypdm.ui import progress_line
+
+    progress_line(line)
 
 
 def _trial_id(trial) -> Any:

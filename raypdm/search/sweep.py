@@ -164,6 +164,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     from raypdm.search.progress import SweepProgress, expected_trials
     from raypdm.train.priors import class_prior_cache, generate_class_images
     from raypdm.train.prompts import cdl_prompts
+    from raypdm.ui import plain_counter
 
     init_ray()
     t0 = time.perf_counter()
@@ -176,7 +177,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
                                     resolution=cfg.train.resolution)
     cache = class_prior_cache(cfg.class_prior, cfg.output)
     log(f"class priors: {prior.count} images (cached under {cache})")
-    class_images = generate_class_images(prior, cache)
+    class_images = generate_class_images(prior, cache, progress=plain_counter("class images", indent="      "))
 
     space = cfg.space.tune_space(_tokenizer(cfg), cfg.search, data_names)
     n_identities = max(len(cfg.identity_list(u)) for u in cfg.data_uris().values())
@@ -186,7 +187,9 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     trainable = tune.with_resources(tune.with_parameters(_trainable, sweep=cfg, class_images=class_images), resources)
     storage = _storage(cfg.output)
     path = join(storage, EXPERIMENT)
-    progress = SweepProgress(expected_trials(space, cfg.search, cfg.num_samples), log)
+    # Trial lines go to the progress stream (stderr; none under --no-progress), also when a resumed sweep's
+    # restored copy of this callback reports them.
+    progress = SweepProgress(expected_trials(space, cfg.search, cfg.num_samples))
     if tune.Tuner.can_restore(path):
         log(f"resuming the sweep at {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)

@@ -117,6 +117,18 @@ def test_every_stage_wrote_what_it_should(demo):
     assert "report.html" in demo["first"].stdout
 
 
+def test_progress_goes_to_stderr_and_results_to_stdout(demo):
+    first = demo["first"]
+    # stderr is not a terminal here: plain training lines (a phase change or another 10% of the steps)...
+    train_lines = re.compile(r"^\s*\S+/seed0/\S+\s+\d+/\d+\s+loss ", re.M)
+    assert train_lines.search(first.stderr) and not train_lines.search(first.stdout)
+    assert re.search(r"^\s*\S+/seed0/\S+\s+4/4\s+loss \S+\s+\S+ s/step\s+done$", first.stderr, re.M)
+    # ...the sweep's trial lines and the stages' image counts, while the tables stay on stdout
+    assert "trials 2/2 done" in first.stderr and "trials 2/2 done" not in first.stdout
+    assert re.search(r"^\s+24/24 images \(100%\)$", first.stderr, re.M)
+    assert "demo stages" in first.stdout and "demo stages" not in first.stderr
+
+
 def test_the_matrix_reuses_the_stages_the_demo_ran(demo):
     """Stage 9 resumes the protect, purify, train, sample and evaluate stages of stages 2-7: their rows were
     written once (one manifest part per first write) and no identity was trained twice."""

@@ -257,13 +257,14 @@ def test_raypdm_submit_runs_the_smoke_redteam_with_model_stages_on_the_gpu_node(
     from raypdm.submit import submit_job
 
     logs: list[str] = []
-    # CDL only: two cells (none, codesr) instead of four keep every stage and halve this test; `--set` after
-    # `--` reaches the job's own override parser.
+    # The smoke's two cells (none + vanilla, codesr + cdl) keep every stage; `--set` after `--` reaches the
+    # job's own override parser.
     _, status = submit_job("redteam", address=cluster["url"], config=None, smoke=True, output=str(out),
-                           extra_args=["--set", "modes=[cdl]"], follow=True, working_dir=str(workdir),
+                           extra_args=["--set", "seeds=[1]"], follow=True, working_dir=str(workdir),
                            echo=logs.append)
     assert status == "SUCCEEDED", "".join(logs)[-4000:]
-    assert yaml.safe_load((out / "redteam_config.yaml").read_text())["modes"] == ["cdl"]
+    resolved = yaml.safe_load((out / "redteam_config.yaml").read_text())
+    assert resolved["seeds"] == [1] and resolved["methods"] == ["none + vanilla", "codesr + cdl"]
     for table in ("table1", "table2", "table4"):
         for ext in ("md", "html", "parquet"):
             assert (out / "tables" / f"{table}.{ext}").stat().st_size > 0, (table, ext)

@@ -200,3 +200,27 @@ def test_the_cli_and_the_job_script_resolve_one_config_and_it_round_trips(spec, 
     again = CliRunner().invoke(cli, [*_command(spec), "--config", "resolved.yaml", "--print-config"])
     assert again.exit_code == 0, again.output
     assert yaml.safe_load(again.output) == printed
+
+
+def test_no_verify_and_quiet_reach_the_run(tmp_path, monkeypatch):
+    """`--no-verify` sets RAYPDM_NO_VERIFY for this process (init_ray carries it to the workers) and says
+    so on stderr; `-q`/`--quiet` is `--no-progress`."""
+    import raypdm.cli.commands as commands
+    from raypdm.models.verify import NO_VERIFY_ENV
+
+    seen = []
+    monkeypatch.setattr(commands, "run_job", lambda name, data, **kw: seen.append((os.environ.get(NO_VERIFY_ENV),
+                                                                                  kw["ctx"].progress)))
+    monkeypatch.delenv(NO_VERIFY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    base = ["purify", "--input", "d", "--output", "o"]
+    res = CliRunner().invoke(cli, base)
+    assert res.exit_code == 0, res.output
+    try:
+        res = CliRunner().invoke(cli, [*base, "--no-verify", "-q"])
+    finally:
+        set_by_the_command = os.environ.pop(NO_VERIFY_ENV, None)  # never leak it into later tests
+    assert res.exit_code == 0, res.output
+    assert "--no-verify: weight files are loaded without checking their sha256" in res.output
+    assert seen == [(None, True), ("1", False)] and set_by_the_command == "1"

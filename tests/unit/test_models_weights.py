@@ -316,6 +316,47 @@ def test_load_refuses_a_file_that_does_not_match_its_pin(pinned_copy):
     assert isinstance(err.value, ValueError)
 
 
+def test_no_verify_loads_the_file_as_it_is_and_says_so(pinned_copy, monkeypatch, caplog):
+    import logging
+
+    from raypdm.models import verify
+
+    root, calls = pinned_copy
+    merges = root / SD / "tokenizer" / "merges.txt"
+    merges.write_text(merges.read_text() + "x y\n")  # no longer the pinned bytes
+    monkeypatch.setenv(verify.NO_VERIFY_ENV, "1")
+    monkeypatch.setattr(verify, "_unverified", set())
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="raypdm.models.verify"):
+        models.load(SD, root)
+        models.load(SD, root)
+    assert calls == []  # nothing hashed
+    warned = [r.getMessage() for r in caplog.records if "NOT verified" in r.getMessage()]
+    assert len(warned) == 1 and SD in warned[0]  # once per model and process
+    monkeypatch.setenv(verify.NO_VERIFY_ENV, "0")
+    with pytest.raises(models.CorruptWeightsError):
+        models.load(SD, root)
+
+
+def test_no_verify_reaches_a_running_clusters_workers(monkeypatch):
+    """Connecting to a cluster, the workers get RAYPDM_NO_VERIFY through ray.init's runtime env; inside a
+    submitted job that already sets it, it is left out (Ray refuses the same env var key twice)."""
+    import json
+
+    from raypdm.runtime import _propagated_runtime_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAYPDM_NO_VERIFY", raising=False)
+    assert _propagated_runtime_env(None) is None
+    monkeypatch.setenv("RAYPDM_NO_VERIFY", "1")
+    assert _propagated_runtime_env(None) == {"env_vars": {"RAYPDM_NO_VERIFY": "1"}}
+    given = {"env_vars": {"A": "b"}, "working_dir": "."}
+    assert _propagated_runtime_env(given) == {"env_vars": {"A": "b", "RAYPDM_NO_VERIFY": "1"}, "working_dir": "."}
+    job = {"runtime_env": {"env_vars": {"RAYPDM_NO_VERIFY": "1", "HF_HUB_OFFLINE": "1"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _propagated_runtime_env(None) is None
+
+
 def test_hash_cache_falls_back_to_the_user_cache(pinned_copy, tmp_path):
     root, calls = pinned_copy
     (root / ".raypdm-sha256.json").mkdir()  # an unwritable spot (root ignores chmod): cannot be replaced

@@ -14,8 +14,14 @@ def config(**overrides) -> RedteamConfig:
 
 
 def test_every_purifier_and_mode_by_default():
-    plan = RedteamPlan(config())
+    plan = RedteamPlan(config(methods=None))
     assert [c.method for c in plan.cells()] == ["none + cdl", "none + vanilla", "codesr + cdl", "codesr + vanilla"]
+    assert config(methods=None).used_purifiers() == ["none", "codesr"]
+
+
+def test_the_smoke_is_the_papers_baseline_against_its_method():
+    plan = RedteamPlan(config())
+    assert [c.method for c in plan.cells()] == ["none + vanilla", "codesr + cdl"]
     assert config().used_purifiers() == ["none", "codesr"]
 
 

@@ -50,13 +50,25 @@ def test_a_large_sweep_logs_about_every_five_percent():
     assert 19 <= len(lines) <= 21 and lines[-1].startswith("trials 200/200 done")
 
 
-def test_it_pickles_without_its_log_function():
-    """Tune pickles RunConfig callbacks into the experiment state; a console with locks cannot go."""
+def test_it_pickles_without_its_log_function_and_a_restored_copy_prints_to_stderr(capsys):
+    """Tune pickles RunConfig callbacks into the experiment state (a console with locks cannot go) and a
+    resumed sweep reports through that restored copy: it prints to the progress stream, stderr."""
     import pickle
     import threading
+
+    from raypdm.ui import set_progress
 
     lock = threading.RLock()
     progress = SweepProgress(total=2, log=lambda line: (lock, line))
     copy = pickle.loads(pickle.dumps(progress))
     assert copy.total == 2 and copy.log is None
-    copy.on_trial_complete(0, [_trial("TERMINATED", "a")], None)  # prints nothing, raises nothing
+    a, b = _trial("RUNNING", "a"), _trial("RUNNING", "b")
+    copy.on_trial_complete(0, [a, b], a)
+    out = capsys.readouterr()
+    assert "trials 1/2 done" in out.err and out.out == ""
+    set_progress(False)  # --no-progress
+    try:
+        copy.on_trial_complete(0, [a, b], b)
+    finally:
+        set_progress(True)
+    assert capsys.readouterr().err == ""

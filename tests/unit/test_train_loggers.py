@@ -217,8 +217,8 @@ def test_train_line_shows_the_attempt_and_pads_the_label():
 
 def test_plain_view_prints_on_phase_changes_only():
     lines: list[str] = []
-    view = TrainProgressView(["a", "b"], {"a": 10, "b": 10}, live=False, log=lines.append, plain_every_s=10)
-    assert view.live_mode is False
+    view = TrainProgressView(["a", "b"], {"a": 100, "b": 100}, log=lines.append)
+    assert view.live_mode is False  # stderr is not a terminal under pytest
     with view:
         view.update({"a": {"label": "a", "phase": "loading model"}, "b": {"label": "b", "phase": "loading model"}})
         assert len(lines) == 2
@@ -226,38 +226,48 @@ def test_plain_view_prints_on_phase_changes_only():
         assert all("loading model" in line for line in lines)
         view.update({"a": {"label": "a", "phase": "loading model"}, "b": {"label": "b", "phase": "loading model"}})
         assert len(lines) == 2  # nothing changed: no new lines
-        view.update({"a": {"label": "a", "phase": "training", "step": 1, "total": 10, "loss": 0.5},
+        view.update({"a": {"label": "a", "phase": "training", "step": 1, "total": 100, "loss": 0.5},
                      "b": {"label": "b", "phase": "loading model"}})
         assert len(lines) == 3
-        assert lines[2].startswith("a") and "1/10" in lines[2] and "loss 0.5000" in lines[2]
-        view.update({"a": {"label": "a", "phase": "training", "step": 2, "total": 10, "loss": 0.4},
+        assert lines[2].startswith("a") and "1/100" in lines[2] and "loss 0.5000" in lines[2]
+        view.update({"a": {"label": "a", "phase": "training", "step": 2, "total": 100, "loss": 0.4},
                      "b": {"label": "b", "phase": "loading model"}})
-        assert len(lines) == 3  # still training, within plain_every_s: no heartbeat yet
+        assert len(lines) == 3  # still training, within the same 10%: no heartbeat yet
 
 
-def test_plain_view_heartbeat_while_training(monkeypatch):
-    import raypdm.ui as ui
-
-    now = [1000.0]
-    monkeypatch.setattr(ui.time, "monotonic", lambda: now[0])
+def test_plain_view_prints_a_line_per_ten_percent_while_training():
     lines: list[str] = []
-    view = TrainProgressView(["a"], {"a": 10}, live=False, log=lines.append, plain_every_s=10)
-    view.update({"a": {"phase": "training", "step": 1}})
-    now[0] += 5
-    view.update({"a": {"phase": "training", "step": 2}})
-    assert len(lines) == 1
-    now[0] += 5
-    view.update({"a": {"phase": "training", "step": 3}})
-    assert len(lines) == 2 and "3/10" in lines[-1]
-    now[0] += 60
-    view.update({"a": {"phase": "exporting", "step": 10}})
-    view.update({"a": {"phase": "exporting", "step": 10}})
-    assert len(lines) == 3 and "exporting" in lines[-1]  # outside training: no heartbeat, only changes
+    view = TrainProgressView(["a"], {"a": 1000}, log=lines.append)
+    for step in range(1, 1001):
+        view.update({"a": {"phase": "training", "step": step, "total": 1000}})
+    # the first record, then one line each time the steps cross another 10% (100, 200, ..., 1000)
+    assert len(lines) == 11, lines
+    assert [line.split()[1] for line in lines[1:]] == [f"{k * 100}/1000" for k in range(1, 11)]
+    view.update({"a": {"phase": "exporting", "step": 1000, "total": 1000}})
+    view.update({"a": {"phase": "exporting", "step": 1000, "total": 1000}})
+    assert len(lines) == 12 and "exporting" in lines[-1]  # outside training: only changes
+
+
+def test_progress_goes_to_stderr_and_none_without_progress(capsys):
+    from raypdm.ui import set_progress
+
+    view = TrainProgressView(["a"], {"a": 10})
+    view.update({"a": {"phase": "loading model"}})
+    out = capsys.readouterr()
+    assert "loading model" in out.err and out.out == ""
+    quiet = TrainProgressView(["a"], {"a": 10}, enabled=False)
+    quiet.update({"a": {"phase": "training", "step": 5}})
+    set_progress(False)  # the CLI's --no-progress reaches views that were not told
+    try:
+        TrainProgressView(["a"], {"a": 10}).update({"a": {"phase": "done", "step": 10}})
+    finally:
+        set_progress(True)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_plain_view_skips_labels_without_records():
     lines: list[str] = []
-    view = TrainProgressView(["a", "b"], {"a": 1, "b": 1}, live=False, log=lines.append)
+    view = TrainProgressView(["a", "b"], {"a": 1, "b": 1}, log=lines.append)
     view.update({"b": {"phase": "done", "step": 1}})
     assert len(lines) == 1 and lines[0].startswith("b") and "done" in lines[0]
 
@@ -284,3 +294,26 @@ def test_labels_keep_at_least_the_last_part():
     labels = _labels(jobs)
     assert labels == ["x", "x/y"]
     assert len(set(labels)) == len(labels)
+
+
+def test_stage_progress_names_the_stage_on_stdout_and_counts_on_stderr(capsys):
+    from raypdm.ui import set_progress, stage_progress
+
+    with stage_progress("purify: jpeg") as progress:
+        for done in range(0, 41, 4):
+            progress(done, 40)
+    out = capsys.readouterr()
+    assert out.out.strip() == "purify: jpeg"
+    lines = out.err.strip().splitlines()
+    assert lines[0].strip() == "0/40 images (0%)" and lines[-1].strip() == "40/40 images (100%)"
+    assert len(lines) == 11  # one per 10%
+    with stage_progress("purify: jpeg", enabled=False) as progress:
+        assert progress is None
+    set_progress(False)
+    try:
+        with stage_progress("purify: jpeg") as progress:
+            assert progress is None
+    finally:
+        set_progress(True)
+    out = capsys.readouterr()
+    assert out.out.count("purify: jpeg") == 2 and out.err == ""
