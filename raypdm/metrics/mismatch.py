@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from raypdm.data.uri import write_bytes
-from raypdm.models.clip import NAME as CLIP_NAME
-from raypdm.models.clip import ClipBundle, load_clip, resolve_device
+
+if TYPE_CHECKING:  # transformers' CLIP takes seconds to import: only the probe itself needs it
+    from raypdm.models.clip import ClipBundle
 
 __all__ = [
     "DEFAULT_NOISE_PROMPTS",
@@ -121,6 +122,9 @@ class MismatchProbe:
         self.batch_size = batch_size
         self.person_prompts = _check_prompts(person_prompts, "person_prompts")
         self.noise_prompts = _check_prompts(noise_prompts, "noise_prompts")
+        from raypdm.models.clip import NAME as CLIP_NAME
+        from raypdm.models.clip import load_clip, resolve_device
+
         self.clip = clip_bundle or load_clip(preset, weights_dir, resolve_device(device), weights=CLIP_NAME)
         self.person_text = self.clip.encode_text(self.person_prompts)
         self.noise_text = self.clip.encode_text(self.noise_prompts)

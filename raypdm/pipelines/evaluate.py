@@ -210,14 +210,14 @@ def _all_images(root: str, identity: str, splits: list[str] | None = None) -> li
 class _ScoreWorker:
     """Loads every requested scorer once; scores a batch; a failure on one image is that image's error row."""
 
-    def __init__(self, cfg: EvaluateConfig, reference: dict[str, dict[str, np.ndarray | None]], threads: int | None):
+    def __init__(self, cfg: EvaluateConfig, reference: dict[str, dict[str, np.ndarray | None]] | _Deferred,
+                 threads: int | None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         device = _device()
         self.cfg = cfg
-        self.reference = reference
         self.identity = _identity_scorer(cfg, device) if "ims" in cfg.metrics else None
         self.quality = None
         if "q" in cfg.metrics:
@@ -237,6 +237,8 @@ class _ScoreWorker:
             from raypdm.metrics.mismatch import MismatchProbe
 
             self.probe = MismatchProbe(preset=cfg.preset, weights_dir=cfg.weights_dir, device=device)
+        # Last: the reference embedding ran while the models above loaded.
+        self.reference = reference.get() if isinstance(reference, _Deferred) else reference
 
     def _score(self, images: list[np.ndarray], rows: list[dict[str, str]]) -> list[dict[str, Any]]:
         n = len(images)
@@ -342,8 +344,7 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
     from raypdm.config import save_resolved_config
     from raypdm.data.layout import list_images
     from raypdm.data.manifest import Manifest
-    from raypdm.data.read import load_batch, ref_items
-    from raypdm.pipelines.stage import _placement, _threads_per_actor, ImageStage
+    from raypdm.pipelines.stage import _placement, ImageStage
     from raypdm.runtime import init_ray
 
     init_ray()
@@ -377,46 +378,29 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
                                  gpus_per_worker=cfg.gpus_per_worker, batch_size=cfg.batch_size)
     remote_args, gpus = _placement(placement_stage)
     prepared: dict[str, Any] = {"reference": {}, "reference_counts": {}, "groups": {}, "group_rows": {}}
+    pending = None  # the reference embedding, while it runs
+    memo = ""
     if identities and ({"ims", "mismatch"} & set(cfg.metrics)):
         memo = _prepare_memo_key(cfg, identities, prepared_key)
         if memo in _PREPARED:  # e.g. the cells of a red-team matrix: one reference set, embedded once
             prepared = _PREPARED[memo]
         else:
             prepare = ray.remote(_prepare).options(**remote_args, max_retries=2)
-            prepared = ray.get(prepare.remote(cfg, identities))
-            _PREPARED.clear()  # keep one: the embeddings of a large reference set are not small
-            _PREPARED[memo] = prepared
+            pending = prepare.remote(cfg, identities)
 
     todo_refs = refs
-    if todo_refs:
-        threads = None if gpus else _threads_per_actor(cfg.workers)
-        batch = cfg.batch_size
-        ds = ray.data.from_items(ref_items(todo_refs), override_num_blocks=max(1, min(len(todo_refs) // batch, 200)))
-        ds = ds.map_batches(load_batch, batch_size=batch, num_cpus=0.25,
-                            fn_kwargs={"config_hash": chash, "done_keys": done})
-        size = cfg.workers
-        ds = ds.map_batches(
-            _ScoreWorker, fn_constructor_args=(cfg, prepared["reference"], threads), batch_size=batch,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size), **remote_args,
-        )
-        seen = 0
-        try:
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                seen += table.num_rows
-                skipped = table.column("skipped").to_pylist()
-                summary.skipped += sum(skipped)
-                rows = table.filter(pa.array([not s for s in skipped])).drop_columns(["skipped"])
-                if rows.num_rows:
-                    rows = rows.append_column("stage", pa.array(["evaluate"] * rows.num_rows, pa.string()))
-                    rows = rows.append_column("config_hash", pa.array([chash] * rows.num_rows, pa.string()))
-                    rows = _to_table(rows)
-                    summary.errors += rows.num_rows - rows.column("error").null_count
-                    summary.processed += rows.column("error").null_count
-                    manifest.append(rows)
-                if progress:
-                    progress(seen, len(todo_refs))
-        finally:
-            manifest.compact()
+    try:
+        if todo_refs:
+            _score_rows(cfg, todo_refs, done, chash, remote_args, gpus, manifest, summary, progress,
+                        prepared["reference"] if pending is None else _Deferred(pending))
+    except Exception:
+        if pending is not None:
+            ray.get(pending)  # the reference embedding's own error says more than the actor pool's
+        raise
+    if pending is not None:
+        prepared = ray.get(pending)
+        _PREPARED.clear()  # keep one: the embeddings of a large reference set are not small
+        _PREPARED[memo] = prepared
     scores = manifest.read()
     _write_outputs(cfg, scores, prepared)
     save_resolved_config(cfg, cfg.output)
@@ -426,6 +410,58 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
     write_bytes(join(cfg.output, PREPARED_MARKER), json.dumps(prepared_key, sort_keys=True).encode())
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+class _Deferred:
+    """The reference embedding's ObjectRef, resolved by each scorer actor after it has loaded its models.
+    Ray resolves an ObjectRef given as an argument before it starts the actor; one held inside this object it
+    does not, so the actors' model loading overlaps the embedding instead of waiting for it."""
+
+    def __init__(self, ref):
+        self.refs = [ref]
+
+    def get(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.refs[0])["reference"]
+
+
+def _score_rows(cfg: EvaluateConfig, todo_refs, done: frozenset[str], chash: str, remote_args: dict[str, Any],
+                gpus: float, manifest, summary: EvaluateSummary, progress, reference) -> None:
+    """The scoring pipeline: read -> score in the actor pool -> rows appended to the manifest."""
+    import ray.data
+
+    from raypdm.data.read import load_batch, ref_items
+    from raypdm.pipelines.stage import _threads_per_actor
+
+    threads = None if gpus else _threads_per_actor(cfg.workers)
+    batch = cfg.batch_size
+    ds = ray.data.from_items(ref_items(todo_refs), override_num_blocks=max(1, min(len(todo_refs) // batch, 200)))
+    ds = ds.map_batches(load_batch, batch_size=batch, num_cpus=0.25,
+                        fn_kwargs={"config_hash": chash, "done_keys": done})
+    size = cfg.workers
+    ds = ds.map_batches(
+        _ScoreWorker, fn_constructor_args=(cfg, reference, threads), batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size), **remote_args,
+    )
+    seen = 0
+    try:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            seen += table.num_rows
+            skipped = table.column("skipped").to_pylist()
+            summary.skipped += sum(skipped)
+            rows = table.filter(pa.array([not s for s in skipped])).drop_columns(["skipped"])
+            if rows.num_rows:
+                rows = rows.append_column("stage", pa.array(["evaluate"] * rows.num_rows, pa.string()))
+                rows = rows.append_column("config_hash", pa.array([chash] * rows.num_rows, pa.string()))
+                rows = _to_table(rows)
+                summary.errors += rows.num_rows - rows.column("error").null_count
+                summary.processed += rows.column("error").null_count
+                manifest.append(rows)
+            if progress:
+                progress(seen, len(todo_refs))
+    finally:
+        manifest.compact()
 
 
 PREPARED_MARKER = "_tables.json"
