@@ -111,6 +111,51 @@ def test_tensorboard_scalars_and_images_are_written(tmp_path):
     assert any(tag.startswith("validation/prompt") for tag in tags["tensors"])
 
 
+def test_mlflow_run_has_the_params_metrics_and_images(tmp_path):
+    """A local MLflow store (SQLite beside the runs, what a local output gets by default): one run per
+    identity, the config as params, one metric per logged step, validation images as artifacts."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from raypdm.train.loggers import TrackingConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logs = TrainLogging(log_to=["mlflow"], tracking=TrackingConfig(mlflow_tracking_uri=uri, mlflow_experiment="t"))
+    config = {"identity": "id000", "output": str(tmp_path / "id000"), "train": {"steps": 2, "lr": 5e-6}}
+    image = np.full((8, 8, 3), 200, np.uint8)
+    with open_loggers(logs, output=str(tmp_path / "id000"), label="id000", config=config) as loggers:
+        loggers.scalars(1, {"train/loss": 0.5})
+        loggers.scalars(2, {"train/loss": 0.25, "val/loss": 0.3})
+        loggers.images(2, "validation", [image])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("t")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "id000" and run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "2" and float(run.data.params["train.lr"]) == 5e-6
+    assert run.data.tags["raypdm.identity"] == "id000"
+    history = client.get_metric_history(run.info.run_id, "train.loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.25)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val.loss")] == [0.3]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]  # log_image's folder
+    assert any("validation_0" in a for a in artifacts), artifacts
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the store, not in the worker's working directory
+
+
+def test_wandb_offline_run_is_written_under_the_output(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from raypdm.train.loggers import TrackingConfig
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logs = TrainLogging(log_to=["wandb"], tracking=TrackingConfig(wandb_mode="offline", wandb_project="raypdm-test"))
+    out = tmp_path / "id000"
+    with open_loggers(logs, output=str(out), label="id000", config={"identity": "id000"}) as loggers:
+        loggers.scalars(1, {"train/loss": 0.5})
+        loggers.images(1, "validation", [np.zeros((8, 8, 3), np.uint8)])
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "wandb").iterdir())
+    assert list(runs[0].glob("*.wandb"))  # the run's records, for `wandb sync` later
+
+
 def test_no_logging_config_means_no_backends(tmp_path):
     with open_loggers(None, output=str(tmp_path / "id001"), label="id001", config={}) as loggers:
         assert isinstance(loggers, TrainLoggers)
