@@ -32,13 +32,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import accelerate
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from raypdm.models.registry import Layouts, ModelSpec, WeightFile, get, register
 from raypdm.models.tokenizer import tiny_clip_tokenizer
@@ -52,6 +50,11 @@ from raypdm.models.weights import (
     seeded,
     sha256_file,
 )
+
+# transformers' CLIP costs ~2 s to import: the registry imports this module for `raypdm models list` and
+# every driver's preflight, which need only the specs. It is imported where a model is built or loaded.
+if TYPE_CHECKING:
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 __all__ = [
     "CLIP_FULL",
@@ -147,6 +150,8 @@ def resolve_device(device: Device | None) -> torch.device:
 
 def clip_config(preset: str, tokenizer: CLIPTokenizer | None = None) -> CLIPConfig:
     """The preset's ``CLIPConfig``; the tiny text tower takes its vocabulary and special ids from ``tokenizer``."""
+    from transformers import CLIPConfig
+
     if preset not in _PRESETS:
         raise ValueError(f"unknown CLIP preset {preset!r}; choose one of {', '.join(_PRESETS)}")
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _PRESETS[preset].items()}
@@ -324,6 +329,8 @@ def _finish(model: CLIPModel, device: torch.device, dtype: torch.dtype | None) -
 
 
 def _build(preset: str, device: Device, dtype: torch.dtype | None, seed: int, name: str) -> ClipBundle:
+    from transformers import CLIPModel
+
     device = torch.device(device)
     tokenizer = tiny_clip_tokenizer()  # the only tokenizer that exists offline; real ones come with `load`
     config = clip_config(preset, tokenizer)
@@ -354,12 +361,17 @@ def build_liqe(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype 
 
 
 def _meta_model(config: CLIPConfig) -> CLIPModel:
+    import accelerate
+    from transformers import CLIPModel
+
     # Buffers stay real (include_buffers=False): position_ids is non-persistent and never in a file.
     with accelerate.init_empty_weights(include_buffers=False):
         return CLIPModel(config)
 
 
 def _read_clip_folder(folder: Path) -> tuple[CLIPConfig, CLIPTokenizer]:
+    from transformers import CLIPConfig, CLIPTokenizer
+
     # from_pretrained (local only) rather than CLIPConfig(**json): it upgrades legacy keys.
     config = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -537,12 +549,16 @@ def load_clip(
 # --------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def clip_layouts() -> Layouts:
+    from transformers import CLIPModel
+
     with init_on(torch.device("meta")):
         return {"clip": module_layout(CLIPModel(clip_config("full")))}
 
 
 def clip_config_layouts(model_dir: Path) -> Layouts:
     """The layout a folder's own config.json implies (a saved tiny bundle is then not 'corrupt')."""
+    from transformers import CLIPConfig, CLIPModel
+
     config = CLIPConfig.from_pretrained(str(model_dir), local_files_only=True)
     with init_on(torch.device("meta")):
         return {"clip": module_layout(CLIPModel(config))}

@@ -13,16 +13,20 @@ import json
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import accelerate
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from raypdm.models.registry import Layouts, ModelSpec, WeightFile, register
 from raypdm.models.tokenizer import save_tokenizer, tiny_clip_tokenizer
 from raypdm.models.weights import init_on, load_weights_into, module_layout, resolve_weight_file, seeded
+
+# diffusers costs ~4 s to import (its quantizer hooks compile through torch.compile) and transformers' CLIP
+# ~2 s: the registry imports this module for `raypdm models list` and every driver's preflight, which need
+# only the specs. The libraries are imported where a model is built or loaded.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 NAME = "sd21-base"
 SEED = 20221207  # SD 2.1 release date; any fixed value works, it only has to never change
@@ -112,6 +116,8 @@ def check_preset(preset: str) -> None:
 
 def text_encoder_config(preset: str, tokenizer: CLIPTokenizer | None = None) -> CLIPTextConfig:
     """The tiny tower's vocabulary is the tiny tokenizer's; special ids follow the bundled tokenizer."""
+    from transformers import CLIPTextConfig
+
     check_preset(preset)
     cfg = dict(_TEXT[preset])
     if tokenizer is not None:
@@ -144,6 +150,8 @@ def sd_text_stack(preset: str, device: torch.device) -> tuple[CLIPTextModel, CLI
     its ids are valid for the full 49,408-row embedding, which is all random-weight benchmarks need.
     Real weights come with the real tokenizer through `load`.
     """
+    from transformers import CLIPTextModel
+
     tokenizer = tiny_clip_tokenizer()
     with init_on(device):
         text_encoder = CLIPTextModel(text_encoder_config(preset, tokenizer))
@@ -183,6 +191,8 @@ class StableDiffusionParts(PipelineParts):
     scheduler: DDPMScheduler
 
     def to_pipeline(self) -> StableDiffusionPipeline:
+        from diffusers import StableDiffusionPipeline
+
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -200,6 +210,8 @@ def build_random_stack(
 ) -> dict[str, Any]:
     """UNet, VAE, text encoder and tokenizer with seeded random weights (shared by every SD-family bundle):
     the same preset and seed always give the same weights; `device="meta"` allocates nothing."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     check_preset(preset)
     device = torch.device(device)
     where = init_device(preset, device)
@@ -218,6 +230,8 @@ def build_random_stack(
 
 def build_sd21(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> StableDiffusionParts:
     """Random weights, seeded: the same preset always gives the same weights."""
+    from diffusers import DDPMScheduler
+
     check_preset(preset)
     stack = build_random_stack(preset, device, dtype, SEED, _UNET[preset], _VAE[preset])
     return StableDiffusionParts(**stack, scheduler=DDPMScheduler.from_config(SD21_SCHEDULER))
@@ -236,6 +250,8 @@ def load_diffusers_model(cls, path: Path, weights_name: str, default_config: dic
     A single file (e.g. a fine-tuned UNet saved as `unet.safetensors`) is read with the preset's
     config. The skeleton is built without memory and the tensors are assigned strictly.
     """
+    import accelerate
+
     path = Path(path)
     if path.is_file():
         config, weights = default_config, path
@@ -251,6 +267,9 @@ def load_diffusers_model(cls, path: Path, weights_name: str, default_config: dic
 
 
 def load_text_encoder(path: Path, default_config: CLIPTextConfig, device: Device, dtype) -> CLIPTextModel:
+    import accelerate
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     path = Path(path)
     if path.is_file():
         config, weights = default_config, path
@@ -268,6 +287,8 @@ def load_text_encoder(path: Path, default_config: CLIPTextConfig, device: Device
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -277,6 +298,8 @@ def load_scheduler(cls, folder: Path, defaults: dict[str, Any]):
 
 
 def load_sd21(model_dir: str | Path, device: Device = "cpu", dtype: torch.dtype | None = None) -> StableDiffusionParts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
     d = Path(model_dir)
     return StableDiffusionParts(
         unet=load_diffusers_model(UNet2DConditionModel, d / "unet", DIFFUSERS_WEIGHTS, SD21_UNET_FULL, device, dtype),
@@ -292,6 +315,9 @@ def load_sd21(model_dir: str | Path, device: Device = "cpu", dtype: torch.dtype 
 
 def meta_layout(kind: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """key -> shape of one component built from `config` on the meta device (on-disk key names)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     with init_on(torch.device("meta")):
         if kind == "unet":
             return module_layout(UNet2DConditionModel.from_config(config))

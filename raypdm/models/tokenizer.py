@@ -15,8 +15,10 @@ import json
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # imported where a tokenizer is built: the registry's specs must stay cheap to import
+    from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -72,6 +74,8 @@ def write_tokenizer_files(folder: str | Path, vocab: dict[str, int], merges: lis
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:
     """A fresh tiny tokenizer (built from files in a temporary folder; nothing persists)."""
+    from transformers import CLIPTokenizer
+
     with tempfile.TemporaryDirectory(prefix="raypdm-tiny-tok-") as tmp:
         write_tokenizer_files(tmp, tiny_vocab(), _TINY_MERGES)
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH, local_files_only=True)

@@ -10,18 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import diffusers
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionUpscalePipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from raypdm.models.registry import Layouts, ModelSpec, WeightFile, register
 from raypdm.models.stable_diffusion import (
@@ -40,6 +31,11 @@ from raypdm.models.stable_diffusion import (
     meta_layout,
     text_encoder_config,
 )
+
+# diffusers and transformers are imported where a model is built or loaded (see stable_diffusion.py).
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 NAME = "sd-x4-upscaler"
 SEED = 20221124  # x4 upscaler release date; fixed so tiny weights never change
@@ -132,6 +128,8 @@ class UpscalerParts(PipelineParts):
     low_res_scheduler: DDPMScheduler
 
     def to_pipeline(self) -> StableDiffusionUpscalePipeline:
+        from diffusers import StableDiffusionUpscalePipeline
+
         return StableDiffusionUpscalePipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -147,6 +145,8 @@ class UpscalerParts(PipelineParts):
 
 
 def build_x4(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | None = None) -> UpscalerParts:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
     check_preset(preset)
     stack = build_random_stack(preset, device, dtype, SEED, _UNET[preset], _VAE[preset])
     return UpscalerParts(
@@ -158,12 +158,17 @@ def build_x4(preset: str = "tiny", device: Device = "cpu", dtype: torch.dtype | 
 
 def _scheduler_class(folder: Path):
     """The class the hub config names, when diffusers has it; DDIM otherwise."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
     name = DDIMScheduler.load_config(str(folder)).get("_class_name", "DDIMScheduler")
     cls = getattr(diffusers, str(name), None)
     return cls if isinstance(cls, type) and hasattr(cls, "from_config") else DDIMScheduler
 
 
 def load_x4(model_dir: str | Path, device: Device = "cpu", dtype: torch.dtype | None = None) -> UpscalerParts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
     d = Path(model_dir)
     return UpscalerParts(
         unet=load_diffusers_model(UNet2DConditionModel, d / "unet", DIFFUSERS_WEIGHTS, X4_UNET_FULL, device, dtype),

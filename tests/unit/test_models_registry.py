@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -122,3 +124,22 @@ def test_cli_list_says_which_files_are_not_pinned():
     line = next(line for line in result.output.splitlines() if line.startswith("│ adm256-uncond"))
     assert "0/1" in line and "not known for" in line
     assert "lpips-alex" in result.output and "(bring your own)" in result.output
+
+
+def test_listing_the_models_imports_no_model_library():
+    """`raypdm models list` and every driver's preflight read the specs only: importing diffusers (~4 s, its
+    quantizer hooks go through torch.compile) or transformers' CLIP (~2 s) there was most of a command's
+    start-up. A fresh interpreter, since this test process may have imported them already."""
+    code = (
+        "import sys\n"
+        "from raypdm.models.registry import get, list_models\n"
+        "names = list_models()\n"
+        "specs = [get(n) for n in names]\n"
+        "import raypdm.metrics.quality, raypdm.pipelines.train, raypdm.pipelines.sample, raypdm.pipelines.redteam\n"
+        "heavy = [m for m in ('diffusers', 'transformers.models.clip.modeling_clip', 'deepspeed') if m in sys.modules]\n"
+        "print(len(names), heavy)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    count, heavy = res.stdout.strip().split(" ", 1)
+    assert int(count) >= 10 and heavy == "[]", res.stdout
