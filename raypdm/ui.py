@@ -123,6 +123,10 @@ def stage_summary_table(summaries: Sequence[Any], title: str = "Stages") -> None
         for s in summaries
     ]
     print_table(title, ["stage", "inputs", "done", "resumed", "errors", "seconds", "images/s", "output"], rows)
+    for s in summaries:  # what a re-run checked and redid, and why (image stages; see data/resume.py)
+        note = s.resume_note() if hasattr(s, "resume_note") else None
+        if note:
+            console.print(f"  {s.stage}: {note}", highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------- training progress

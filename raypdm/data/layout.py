@@ -14,9 +14,10 @@ from __future__ import annotations
 import posixpath
 import unicodedata
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 
-from raypdm.data.uri import fs_and_path, join, to_uri
+from raypdm.data.uri import entry_mtime, fs_and_path, join, to_uri
 
 SPLITS: tuple[str, ...] = ("set_A", "set_B", "set_C")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -78,13 +79,17 @@ class ImageRef:
     name: str
     src_uri: str
     error: str | None = None
+    # What the listing said about the file (None when built by hand): a re-run's quick check that the
+    # input is the one its manifest row was made from (see raypdm/data/resume.py).
+    size: int | None = None
+    mtime: float | None = None
 
     @property
     def out_relpath(self) -> str:
         return posixpath.join(self.identity, self.split, output_name(self.name))
 
 
-def _check_ref(identity: str, split: str, name: str) -> str | None:
+def name_problem(identity: str, split: str, name: str) -> str | None:
     try:
         validate_component(identity, "identity")
         validate_component(split, "split")
@@ -149,13 +154,19 @@ def list_images(
                 if f["type"] == "directory":
                     problems.append(f"{ident}/{split}/{name}: nested folder ignored")
                     continue
-                refs.append(ImageRef(ident, split, name, to_uri(fs, f["name"]), _check_ref(ident, split, name)))
+                refs.append(ImageRef(ident, split, name, to_uri(fs, f["name"]), name_problem(ident, split, name),
+                                     _size(f), entry_mtime(f)))
     if identities is not None:
         found = {r.identity for r in refs}
         for ident in identities:
             if ident not in found:
                 problems.append(f"{ident}: identity not found under {root}")
     return _mark_collisions(refs), problems
+
+
+def _size(info: dict) -> int | None:
+    size = info.get("size")
+    return int(size) if size is not None else None
 
 
 def _mark_collisions(refs: list[ImageRef]) -> list[ImageRef]:
@@ -172,9 +183,8 @@ def _mark_collisions(refs: list[ImageRef]) -> list[ImageRef]:
             names = ", ".join(refs[i].name for i in members)
             for i in members:
                 r = refs[i]
-                out[i] = ImageRef(
-                    r.identity, r.split, r.name, r.src_uri,
-                    f"output name collides after normalisation: {r.identity}/{r.split}: {names}",
+                out[i] = dataclasses.replace(
+                    r, error=f"output name collides after normalisation: {r.identity}/{r.split}: {names}"
                 )
     return out
 

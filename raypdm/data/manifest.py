@@ -16,8 +16,8 @@ reads them, skips what they cover and compacts everything.
 from __future__ import annotations
 
 import posixpath
-import time
 import uuid
+from datetime import datetime, timezone
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -35,7 +35,10 @@ MANIFEST_FIELDS: list[pa.Field] = [
     pa.field("src_uri", pa.string()),
     pa.field("uri", pa.string()),
     pa.field("input_sha256", pa.string()),
+    pa.field("input_bytes", pa.int64()),  # the input's size and modification time when it was read:
+    pa.field("input_mtime", pa.float64()),  # a re-run's quick check that the input has not changed
     pa.field("output_sha256", pa.string()),
+    pa.field("output_bytes", pa.int64()),  # a re-run checks the output file against it
     pa.field("stage", pa.string()),
     pa.field("config_hash", pa.string()),
     pa.field("seconds", pa.float64()),
@@ -90,7 +93,10 @@ class Manifest:
     def __init__(self, out_uri: str):
         self.out_uri = str(out_uri)
         self.fs, self.root = fs_and_path(self.out_uri)
-        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # Sortable to the microsecond: parts are read in name order and a later run's rows must win, also
+        # when two runs start within one second (a re-run right after a kill).
+        now = datetime.now(timezone.utc)
+        self.run_id = f"{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:6]}"
         self._seq = 0
 
     # -- reading -----------------------------------------------------------------------------
@@ -131,15 +137,21 @@ class Manifest:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
         if table.num_rows == 0:
             return 0
-        if "run_id" not in table.column_names:
-            table = table.append_column("run_id", pa.array([self.run_id] * table.num_rows, pa.string()))
-        table = conform(table)
+        table = self.stamp(table)
         name = f"part-{self.run_id}-{self._seq:06d}.parquet"
         self._seq += 1
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         write_bytes(join(self.out_uri, self.PARTS, name), sink.getvalue().to_pybytes())
         return table.num_rows
+
+    def stamp(self, table: pa.Table) -> pa.Table:
+        """`table` conformed, with this run's id wherever a row has none."""
+        import pyarrow.compute as pc
+
+        table = conform(table)
+        i = table.column_names.index("run_id")
+        return table.set_column(i, "run_id", pc.fill_null(table.column(i), pa.scalar(self.run_id, pa.string())))
 
     def compact(self) -> pa.Table:
         """Fold parts into manifest.parquet (written atomically), then remove the parts."""

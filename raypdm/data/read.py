@@ -27,8 +27,10 @@ def object_column(values: list) -> np.ndarray:
 
 
 def ref_items(refs: list[ImageRef]) -> list[dict]:
+    # Sizes and times from the listing; -1 / NaN where it said nothing (Ray Data columns keep one type).
     return [
-        {"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "name_error": r.error or ""}
+        {"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "name_error": r.error or "",
+         "src_bytes": -1 if r.size is None else int(r.size), "src_mtime": np.nan if r.mtime is None else r.mtime}
         for r in refs
     ]
 
@@ -42,18 +44,27 @@ def load_batch(
 ) -> dict[str, np.ndarray]:
     """Read, hash and decode a batch of listed files.
 
-    Output columns: identity, split, name, src_uri, input_sha256, image (uint8 HxWx3 or empty), error,
-    error_kind, skipped (already in the manifest under this config: no image is decoded).
+    Output columns: identity, split, name, src_uri, input_sha256, input_bytes, input_mtime, image (uint8
+    HxWx3 or empty), error, error_kind, skipped (already in the manifest under this config: no image is
+    decoded). input_mtime is the listing's time, kept only when the bytes read have the listed size (a
+    file replaced in between gets no time, so the next run hashes it rather than trusting the stamp).
     Missing strings are "" inside Ray Data (an all-None column would come back as float NaN in the next
     step); the driver turns them into nulls when it writes the manifest.
     """
     n = len(batch["src_uri"])
-    out: dict[str, list] = {k: [] for k in ("input_sha256", "image", "error", "error_kind", "skipped")}
+    out: dict[str, list] = {k: [] for k in ("input_sha256", "input_bytes", "input_mtime", "image", "error",
+                                            "error_kind", "skipped")}
+    listed_bytes = batch["src_bytes"] if "src_bytes" in batch else np.full(n, -1)
+    listed_mtime = batch["src_mtime"] if "src_mtime" in batch else np.full(n, np.nan)
     for i in range(n):
         sha, image, error, kind, skipped = "", EMPTY_IMAGE, "", "", False
+        size, mtime = -1, np.nan
         try:
             data = read_bytes(str(batch["src_uri"][i]))
             sha = sha256_hex(data)
+            size = len(data)
+            if int(listed_bytes[i]) == size:
+                mtime = float(listed_mtime[i])
         except Exception as exc:  # network and permission failures may pass: retry on a re-run
             error, kind = f"cannot read file: {type(exc).__name__}: {exc}", ERROR_RUNTIME
         if sha:
@@ -68,6 +79,8 @@ def load_batch(
                 except ImageDecodeError as exc:
                     error, kind = str(exc), ERROR_INPUT
         out["input_sha256"].append(sha)
+        out["input_bytes"].append(size)
+        out["input_mtime"].append(mtime)
         out["image"].append(image)
         out["error"].append(error)
         out["error_kind"].append(kind)
@@ -78,6 +91,8 @@ def load_batch(
         "name": batch["name"],
         "src_uri": batch["src_uri"],
         "input_sha256": object_column(out["input_sha256"]),
+        "input_bytes": np.array(out["input_bytes"], dtype=np.int64),
+        "input_mtime": np.array(out["input_mtime"], dtype=np.float64),
         "image": object_column(out["image"]),
         "error": object_column(out["error"]),
         "error_kind": object_column(out["error_kind"]),

@@ -24,6 +24,7 @@ __all__ = [
     "exists",
     "protocol_of",
     "to_uri",
+    "entry_mtime",
 ]
 
 
@@ -138,3 +139,22 @@ def read_bytes(uri: str) -> bytes:
 def exists(uri: str) -> bool:
     fs, path = fs_and_path(uri)
     return fs.exists(path)
+
+
+def entry_mtime(info: dict) -> float | None:
+    """A listing entry's modification time in seconds, from whichever key the filesystem uses."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            from datetime import datetime
+
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None

@@ -47,6 +47,9 @@ class ProtectJobConfig(JobConfig):
     cpus_per_identity: float = Field(0.5, gt=0, description="CPU share of a per-identity task on CPU-only clusters")
     max_concurrent: int | None = Field(None, ge=1, description="identities protected at once [all that fit]")
     lpips_backbone: Literal["pretrained", "random"] = "pretrained"
+    verify: Literal["size", "full"] = Field(
+        "size", description="how a re-run checks finished outputs: size (a listing) or full (sha256 of every file)"
+    )
 
     @field_validator("protect_split")
     @classmethod
@@ -130,8 +133,9 @@ def _copy_transform():
 
 def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identity: str, refs: list[ImageRef],
                       clean_uris: list[str], chash: str, threads: int | None,
-                      on_start: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One identity: decode its images (bad ones become error rows), protect, write PNGs, measure."""
+                      on_start: Callable[[str], None] | None = None, run_id: str = "") -> list[dict[str, Any]]:
+    """One identity: decode its images (bad ones become error rows), protect, write PNGs under their staged
+    names (the driver renames them once their rows are durable: data/commit.py), measure."""
     import torch
 
     if on_start is not None:
@@ -140,7 +144,8 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
     from raypdm.data.decode import decode_image, encode_png, sha256_hex
     from raypdm.data.layout import output_uri
     from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME
-    from raypdm.data.uri import read_bytes, write_bytes
+    from raypdm.data.commit import write_staged
+    from raypdm.data.uri import read_bytes
     from raypdm.protect import build_protection
 
     if threads:
@@ -148,6 +153,7 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     good: list[tuple[ImageRef, str, np.ndarray]] = []
+    stamps: dict[str, dict[str, Any]] = {}  # src_uri -> the input's size and time as read
     for ref in refs:
         row = {"identity": ref.identity, "split": ref.split, "name": ref.name, "src_uri": ref.src_uri,
                "stage": method, "config_hash": chash}
@@ -157,11 +163,15 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
             rows.append({**row, "error": f"cannot read file: {type(exc).__name__}: {exc}", "error_kind": ERROR_RUNTIME})
             continue
         row["input_sha256"] = sha256_hex(data)
+        row["input_bytes"] = len(data)
+        # The listing's time only when the bytes read are the listed ones (data/read.py does the same).
+        row["input_mtime"] = ref.mtime if ref.size == len(data) else None
         if ref.error:
             rows.append({**row, "error": ref.error, "error_kind": ERROR_INPUT})
             continue
         try:
             good.append((ref, row["input_sha256"], decode_image(data)))
+            stamps[ref.src_uri] = {"input_bytes": row["input_bytes"], "input_mtime": row["input_mtime"]}
         except Exception as exc:
             rows.append({**row, "error": str(exc), "error_kind": ERROR_INPUT})
     clean = []
@@ -186,15 +196,16 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
     measure = _Measure(cfg.lpips_backbone == "pretrained", cfg.weights_dir)
     for (ref, sha, image), result in zip(good, results):
         row = {"identity": ref.identity, "split": ref.split, "name": ref.name, "src_uri": ref.src_uri,
-               "input_sha256": sha, "stage": method, "config_hash": chash, "seconds": per_image,
+               "input_sha256": sha, **stamps[ref.src_uri], "stage": method, "config_hash": chash, "seconds": per_image,
                "loss_before": float(result.loss_before), "loss_after": float(result.loss_after),
                # wall-clock span of the identity's task: shows identities ran side by side
                "started_at": started, "finished_at": finished}
         try:
             data = encode_png(result.image)
             target = output_uri(cfg.output, ref)
-            write_bytes(target, data)
-            row.update(uri=target, output_sha256=sha256_hex(data), **measure([image], [result.image])[0])
+            write_staged(target, data, run_id)
+            row.update(uri=target, output_sha256=sha256_hex(data), output_bytes=len(data),
+                       **measure([image], [result.image])[0])
         except Exception as exc:
             row.update(error=f"cannot write output: {type(exc).__name__}: {exc}", error_kind=ERROR_RUNTIME)
         rows.append(row)
@@ -206,31 +217,31 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
     import pyarrow as pa
     import ray
 
+    from raypdm.data.commit import discard_stale, publish, recover
     from raypdm.data.layout import list_images
-    from raypdm.data.manifest import Manifest, row_key
-    from raypdm.data.uri import read_bytes
-    from raypdm.data.decode import sha256_hex
+    from raypdm.data.manifest import Manifest
+    from raypdm.data.resume import plan_resume
 
     t0 = time.perf_counter()
     summary = StageSummary(stage=method, output=cfg.output, total=len(refs))
     manifest = Manifest(cfg.output)
-    done = manifest.done_keys()
-    by_identity: dict[str, list[ImageRef]] = {}
-    for ref in refs:
-        by_identity.setdefault(ref.identity, []).append(ref)
+    latest = manifest.read().to_pylist()
+    recovery = recover(cfg.output, latest)
+    summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
+    plan = plan_resume(refs, latest, chash, cfg.output, cfg.verify)
+    summary.verified, summary.recomputed = plan.verified, dict(plan.recomputed)
+    redo = {ref.identity for ref in plan.todo}
     todo: dict[str, list[ImageRef]] = {}
-    for ident, members in by_identity.items():
+    for ref in refs:
         # An identity is redone as a whole (its surrogate sees all its images) unless every row is done.
-        keys = []
-        for ref in members:
-            try:
-                keys.append(row_key(ref.identity, ref.split, ref.name, sha256_hex(read_bytes(ref.src_uri)), chash))
-            except Exception:
-                keys.append(None)
-        if all(k is not None and k in done for k in keys):
-            summary.skipped += len(members)
+        if ref.identity in redo:
+            todo.setdefault(ref.identity, []).append(ref)
         else:
-            todo[ident] = members
+            summary.skipped += 1
+    if not todo:
+        manifest.compact()
+        summary.seconds = time.perf_counter() - t0
+        return summary
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1} if has_gpus else {"num_cpus": cfg.cpus_per_identity}
     threads = None
@@ -247,7 +258,8 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
             ident, members = queue.pop(0)
             clean_refs, _ = list_images(cfg.input, identities=[ident], splits=("set_B",))
             clean = [r.src_uri for r in clean_refs if r.error is None]
-            pending[task.remote(cfg, method, options, ident, members, clean, chash, threads, on_identity_start)] = ident
+            pending[task.remote(cfg, method, options, ident, members, clean, chash, threads, on_identity_start,
+                                manifest.run_id)] = ident
         ready, _ = ray.wait(list(pending), num_returns=1)
         ident = pending.pop(ready[0])
         try:
@@ -259,7 +271,11 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
                      "config_hash": chash, "error": f"task failed: {type(exc).__name__}: {exc}",
                      "error_kind": ERROR_RUNTIME} for r in todo[ident]]
         if rows:
-            manifest.append(pa.Table.from_pylist(rows))
+            # The commit order of data/commit.py: rows durable first, then the staged files renamed.
+            table = manifest.stamp(pa.Table.from_pylist(rows))
+            manifest.append(table)
+            publish(table, manifest.run_id)
+            discard_stale(cfg.output, table)
         errors = sum(1 for r in rows if r.get("error"))
         summary.errors += errors
         summary.processed += len(rows) - errors
@@ -306,7 +322,8 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
             uses_model=True, uses_gpu=True, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
             batch_size=cfg.batch_size,
         )
-        summaries.append(run_image_stage(stage, cfg.input, cfg.output, refs=refs, progress=progress))
+        summaries.append(run_image_stage(stage, cfg.input, cfg.output, refs=refs, progress=progress,
+                                         verify=cfg.verify))
     summaries[0].problems = problems
     if cfg.copy_splits:
         others = tuple(s for s in SPLITS if s != cfg.protect_split)
@@ -314,6 +331,6 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
         copy_cfg = {"stage": "copy"}
         copy = ImageStage(name="copy", config=copy_cfg, config_hash=config_hash(copy_cfg),
                           make_transform=_copy_transform, batch_size=16)
-        summaries.append(run_image_stage(copy, cfg.input, cfg.output, refs=copy_refs))
+        summaries.append(run_image_stage(copy, cfg.input, cfg.output, refs=copy_refs, verify=cfg.verify))
     save_resolved_config(cfg, cfg.output)
     return summaries

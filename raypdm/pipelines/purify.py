@@ -37,6 +37,9 @@ class PurifyConfig(JobConfig):
     chain_layout: Literal["fused", "pools"] = Field(
         "fused", description="chains of model purifiers: one actor runs the whole chain, or one pool per model"
     )
+    verify: Literal["size", "full"] = Field(
+        "size", description="how a re-run checks finished outputs: size (a listing) or full (sha256 of every file)"
+    )
 
     @field_validator("splits")
     @classmethod
@@ -192,7 +195,8 @@ def run_purify(cfg: PurifyConfig, *, progress=None) -> StageSummary:
 
     stage = purify_stage(cfg)
     summary = run_image_stage(
-        stage, cfg.input, cfg.output, identities=cfg.identities, splits=tuple(cfg.splits), progress=progress
+        stage, cfg.input, cfg.output, identities=cfg.identities, splits=tuple(cfg.splits), progress=progress,
+        verify=cfg.verify,
     )
     save_resolved_config(cfg, cfg.output)
     return summary

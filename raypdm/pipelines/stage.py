@@ -1,7 +1,11 @@
 """A resumable image stage on Ray Data: list -> read/decode -> transform -> write PNG -> Parquet manifest.
 
-    driver: list files ─▶ from_items ─▶ load_batch (tasks) ─▶ transform (actor pool or tasks)
-            ─▶ write_batch (tasks: PNG + sha256) ─▶ driver streams rows into manifest parts ─▶ compact
+    driver: list files, recover what a killed run left staged, plan the resume (data/resume.py: what is
+            done is verified against its row; nothing left = no Ray at all)
+            ─▶ from_items(the rest) ─▶ load_batch (tasks) ─▶ transform (actor pool or tasks)
+            ─▶ write_batch (tasks: PNG + sha256, written under a staged name)
+            ─▶ driver appends the rows to a manifest part, then renames the staged files into place
+               (data/commit.py: a file under its final name always has a durable row) ─▶ compact
 
 Model transforms run in an actor pool (`compute=ActorPoolStrategy`): the model loads once per actor and
 each actor takes `gpus_per_worker` GPUs when the cluster has GPUs. Cheap transforms (JPEG, blur) run as
@@ -22,9 +26,11 @@ import pyarrow as pa
 
 from raypdm.data.decode import DEFAULT_MAX_PIXELS, encode_png, sha256_hex
 from raypdm.data.layout import SPLITS, ImageRef, list_images, output_name
+from raypdm.data.commit import discard_stale, publish, recover, write_staged
 from raypdm.data.manifest import ERROR_RUNTIME, Manifest, conform
 from raypdm.data.read import EMPTY_IMAGE, load_batch, object_column, ref_items
-from raypdm.data.uri import join, write_bytes
+from raypdm.data.resume import Verify, plan_resume
+from raypdm.data.uri import join
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,26 @@ class StageSummary:
     errors: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    # Resume bookkeeping: finished outputs checked against their rows, inputs done again and why
+    # (missing / size / hash / config changed / input changed / failed before), and what a killed run had
+    # left staged (renamed into place when its row was durable, removed otherwise).
+    verified: int = 0
+    recomputed: dict[str, int] = field(default_factory=dict)
+    rolled_forward: int = 0
+    cleaned: int = 0
+
+    def resume_note(self) -> str | None:
+        """One line about what the resume found, or None for a first run that found nothing to check."""
+        parts = []
+        if self.verified or self.skipped:
+            parts.append(f"{self.verified} outputs verified, {self.skipped} inputs skipped")
+        if self.recomputed:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.recomputed.items()))
+            parts.append(f"{sum(self.recomputed.values())} recomputed ({why})")
+        if self.rolled_forward or self.cleaned:
+            parts.append(f"interrupted run: {self.rolled_forward} committed outputs renamed into place, "
+                         f"{self.cleaned} staged files removed")
+        return "; ".join(parts) or None
 
     @property
     def images_per_s(self) -> float:
@@ -180,10 +206,13 @@ class _ScoreWorker:
         return result
 
 
-def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, config_hash: str) -> dict[str, np.ndarray]:
+def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, config_hash: str,
+                 run_id: str) -> dict[str, np.ndarray]:
+    """Encode and write each output under its staged name (the driver renames it once its row is durable)."""
     n = len(batch["name"])
     uris: list[str] = [""] * n
     out_sha: list[str] = [""] * n
+    out_bytes = np.full(n, -1, dtype=np.int64)
     errors = list(batch["error"])
     kinds = list(batch["error_kind"])
     for i in range(n):
@@ -193,14 +222,15 @@ def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, conf
         target = join(out_uri, ref.identity, ref.split, output_name(ref.name))
         try:
             data = encode_png(batch["image"][i])
-            write_bytes(target, data)
-            uris[i], out_sha[i] = target, sha256_hex(data)
+            write_staged(target, data, run_id)
+            uris[i], out_sha[i], out_bytes[i] = target, sha256_hex(data), len(data)
         except Exception as exc:
             errors[i], kinds[i] = f"cannot write output: {type(exc).__name__}: {exc}", ERROR_RUNTIME
     result = {k: batch[k] for k in batch if k not in ("image", "input_image")}
     result.update(
         uri=object_column(uris),
         output_sha256=object_column(out_sha),
+        output_bytes=out_bytes,
         error=object_column(errors),
         error_kind=object_column(kinds),
         stage=np.array([stage] * n, dtype=object),
@@ -244,8 +274,11 @@ def _placement(stage: ImageStage) -> tuple[dict[str, Any], float]:
 _OPTIONAL_STRINGS = ("uri", "input_sha256", "output_sha256", "error", "error_kind")
 
 
+_OPTIONAL_NUMBERS = {"input_bytes": pa.int64(), "output_bytes": pa.int64(), "input_mtime": pa.float64()}
+
+
 def _with_nulls(table: pa.Table) -> pa.Table:
-    """Ray-side "" markers back to nulls, with the manifest's types."""
+    """Ray-side markers ("" for strings, -1 for sizes, NaN for times) back to nulls, with the manifest's types."""
     import pyarrow.compute as pc
 
     for name in _OPTIONAL_STRINGS:
@@ -253,7 +286,14 @@ def _with_nulls(table: pa.Table) -> pa.Table:
             col = table.column(name).cast(pa.string())
             col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
             table = table.set_column(table.column_names.index(name), name, col)
+    for name, typ in _OPTIONAL_NUMBERS.items():
+        if name in table.column_names:
+            col = table.column(name).cast(typ)
+            missing = pc.is_nan(col) if pa.types.is_floating(typ) else pc.less(col, 0)
+            col = pc.if_else(missing, pa.scalar(None, typ), col)
+            table = table.set_column(table.column_names.index(name), name, col)
     return conform(table)
+
 
 
 # Above this many inputs the driver does not pre-hash them (the pipeline's readers do it in parallel).
@@ -289,44 +329,51 @@ def run_image_stage(
     refs: list[ImageRef] | None = None,
     progress: Callable[[int, int], None] | None = None,
     flush_rows: int = 256,
-    flush_seconds: float = 10.0,
+    flush_seconds: float = 2.0,
+    verify: Verify = "size",
 ) -> StageSummary:
-    """Run one stage over a dataset and return its summary. Safe to re-run: finished rows are skipped."""
-    import ray
-    import ray.data
+    """Run one stage over a dataset and return its summary. Safe to re-run, and to re-run after a kill at
+    any moment: finished rows whose outputs verify are skipped, everything else is done (again).
 
-    from raypdm.runtime import init_ray
-
-    init_ray()
+    verify: how finished outputs are checked against their rows: "size" (a listing), or "full" (sha256 of
+    every output and input).
+    flush_rows, flush_seconds: rows are made durable (and their files renamed into place) at least this
+    often; what a kill loses is at most that much work, and a part file per flush is cheap."""
     t0 = time.perf_counter()
     problems: list[str] = []
     if refs is None:
         refs, problems = list_images(input_uri, identities=identities, splits=splits)
     summary = StageSummary(stage=stage.name, output=output_uri, total=len(refs), problems=problems)
     manifest = Manifest(output_uri)
-    done = frozenset(manifest.done_keys())
-    if not refs:
-        manifest.compact()
-        return summary
-    if all_inputs_done(refs, stage.config_hash, done):
-        # A finished stage re-run: every input was read and hashed, and each key is in the manifest. No
-        # Ray Data pipeline, no actors, no models loaded (what makes a re-run of the demo take seconds).
-        summary.skipped = len(refs)
-        if progress:
+    latest = manifest.read().to_pylist()
+    recovery = recover(output_uri, latest)
+    summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
+    plan = plan_resume(refs, latest, stage.config_hash, output_uri, verify)
+    summary.skipped, summary.verified, summary.recomputed = plan.skipped, plan.verified, dict(plan.recomputed)
+    if not plan.todo:
+        # Nothing left: no Ray Data pipeline, no actors, no models loaded, no Ray started here.
+        if progress and refs:
             progress(len(refs), len(refs))
         manifest.compact()
         summary.seconds = time.perf_counter() - t0
         return summary
 
+    import ray
+    import ray.data
+
+    from raypdm.runtime import init_ray
+
+    init_ray()
+    todo = plan.todo
     remote_args, gpus = _placement(stage)
     pools = len(stage.make_transform) if isinstance(stage.make_transform, list) else 1
     threads = None if gpus else _threads_per_actor(stage.workers * pools)
     batch = max(1, stage.batch_size)
-    ds = ray.data.from_items(ref_items(refs), override_num_blocks=max(1, min(len(refs) // batch, 200)))
+    ds = ray.data.from_items(ref_items(todo), override_num_blocks=max(1, min(len(todo) // batch, 200)))
     ds = ds.map_batches(
         load_batch,
         batch_size=batch,
-        fn_kwargs={"config_hash": stage.config_hash, "done_keys": done, "max_pixels": stage.max_pixels},
+        fn_kwargs={"config_hash": stage.config_hash, "done_keys": plan.done_keys, "max_pixels": stage.max_pixels},
         num_cpus=0.25,
     )
     parts = stage.make_transform if isinstance(stage.make_transform, list) else [stage.make_transform]
@@ -356,7 +403,8 @@ def run_image_stage(
     ds = ds.map_batches(
         _write_batch,
         batch_size=batch,
-        fn_kwargs={"out_uri": output_uri, "stage": stage.name, "config_hash": stage.config_hash},
+        fn_kwargs={"out_uri": output_uri, "stage": stage.name, "config_hash": stage.config_hash,
+                   "run_id": manifest.run_id},
         num_cpus=0.25,
     )
 
@@ -364,9 +412,13 @@ def run_image_stage(
     pending_rows, last_flush, seen = 0, time.monotonic(), 0
 
     def flush() -> None:
+        # The commit order of data/commit.py: rows durable first, then the staged files renamed into place.
         nonlocal pending, pending_rows, last_flush
         if pending:
-            manifest.append(pa.concat_tables(pending, promote_options="permissive"))
+            rows = manifest.stamp(pa.concat_tables(pending, promote_options="permissive"))
+            manifest.append(rows)
+            publish(rows, manifest.run_id)
+            discard_stale(output_uri, rows)
         pending, pending_rows, last_flush = [], 0, time.monotonic()
 
     try:
@@ -384,7 +436,7 @@ def run_image_stage(
             if pending_rows >= flush_rows or time.monotonic() - last_flush > flush_seconds:
                 flush()
             if progress:
-                progress(seen, len(refs))
+                progress(plan.skipped + seen, len(refs))
     finally:
         # Whatever finished is kept even when the run is interrupted.
         flush()
