@@ -234,13 +234,22 @@ def _propagated_runtime_env(given: dict[str, Any] | None) -> dict[str, Any] | No
     return merged or None
 
 
+_QUIET = [True]  # what init_ray does when not told: `raypdm -v` flips it for stages that start Ray on demand
+
+
+def prefer_quiet(quiet: bool) -> bool:
+    """Set whether a later `init_ray()` without `quiet=` is quiet; returns the previous setting."""
+    before, _QUIET[0] = _QUIET[0], bool(quiet)
+    return before
+
+
 def init_ray(
     *,
     address: str | None = None,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     logical_gpus: int | None = None,
-    quiet: bool = True,
+    quiet: bool | None = None,
     **kwargs: Any,
 ) -> dict[str, float]:
     """Connect to Ray once per process and return the cluster's resources.
@@ -248,12 +257,15 @@ def init_ray(
     address: a cluster address; defaults to RAY_ADDRESS; without either a local cluster starts.
     logical_gpus: declare this many GPUs on the local cluster even without CUDA (tests, scheduling demos).
     quiet: worker output stays in the session's log files (`log_to_driver=False`), Ray logs at WARNING,
-    no Ray Data progress bars, and `quiet_environment()`'s settings; False shows everything.
+    no Ray Data progress bars, and `quiet_environment()`'s settings; False shows everything. None: the
+    setting of `prefer_quiet` (quiet unless a command runs with `-v`).
     """
     import ray
 
     if ray.is_initialized():
         return ray_resources()
+    if quiet is None:
+        quiet = _QUIET[0]
     quiet_environment(quiet, native_stderr=False)
     address = address or os.environ.get("RAY_ADDRESS") or None
     opts: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": not quiet}

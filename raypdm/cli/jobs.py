@@ -47,6 +47,9 @@ class JobSpec:
     # Actions that replace the job (`raypdm protect --list`): flag -> function of no arguments.
     actions: tuple[tuple[Flag, str], ...] = ()
     needs_ray: bool = True
+    # The job starts Ray itself, only when it has work for it: a finished stage's re-run plans from its
+    # manifest and starts nothing (the runner does not start Ray ahead of it).
+    ray_on_demand: bool = False
 
     def config_class(self):
         return _import(self.config)
@@ -213,7 +216,7 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec(
         name="purify", summary="Purify images with a purifier or chain; resumable, with a Parquet manifest.",
         config="raypdm.pipelines.purify:PurifyConfig", run="raypdm.cli.runs:run_purify", smoke=_purify_smoke,
-        flags=(_LPIPS,), smoke_inputs=_fill("input"), skip=("options",),
+        flags=(_LPIPS,), smoke_inputs=_fill("input"), skip=("options",), ray_on_demand=True,
     ),
     JobSpec(
         name="protect", summary="Craft a protection on every identity's set_A (other splits copied); resumable.",
@@ -221,7 +224,7 @@ JOBS: tuple[JobSpec, ...] = (
         flags=(Flag("--radius", ("options.radius",), help="ℓ∞ radius, e.g. 11/255 [method default]"),
                Flag("--step", ("options.step",), help="PGD step size, e.g. 1/255"),
                Flag("--steps", ("options.steps",), type=click.INT, help="PGD steps"), _LPIPS),
-        smoke_inputs=_fill("input"),
+        smoke_inputs=_fill("input"), ray_on_demand=True,
         actions=((Flag("--list", (), is_flag=True, help="list the protections and exit"),
                   "raypdm.cli.runs:list_protections"),),
     ),

@@ -79,17 +79,19 @@ def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunCon
         preflight(spec, cfg)
     except FileNotFoundError as exc:  # MissingWeightsError and friends: names every file and the fetch command
         raise JobAbort(str(exc)) from None
-    from raypdm.runtime import init_ray
+    from raypdm.runtime import init_ray, prefer_quiet
     from raypdm.ui import progress_enabled, set_progress
 
-    if spec.needs_ray:
-        init_ray(quiet=not ctx.verbose)
-    if smoke and spec.smoke_inputs is not None:
-        # Now write what the smoke run was missing (the paths were already in the validated config).
-        spec.smoke_inputs(data, True)
+    quiet_before = prefer_quiet(not ctx.verbose)  # for Ray started later, by a job that starts it on demand
     before = progress_enabled()
-    set_progress(ctx.progress)  # --no-progress: no bars, no training or trial lines, in every stage it runs
     try:
+        if spec.needs_ray and not spec.ray_on_demand:
+            init_ray()
+        if smoke and spec.smoke_inputs is not None:
+            # Now write what the smoke run was missing (the paths were already in the validated config).
+            spec.smoke_inputs(data, True)
+        set_progress(ctx.progress)  # --no-progress: no bars, no training or trial lines, in every stage it runs
         return spec.run_function()(cfg, ctx)
     finally:
         set_progress(before)  # an in-process caller (a notebook, a test) gets its setting back
+        prefer_quiet(quiet_before)

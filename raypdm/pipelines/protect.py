@@ -238,10 +238,13 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
             todo.setdefault(ref.identity, []).append(ref)
         else:
             summary.skipped += 1
-    if not todo:
+    if not todo:  # every identity done and verified: no Ray work, no Ray started
         manifest.compact()
         summary.seconds = time.perf_counter() - t0
         return summary
+    from raypdm.runtime import init_ray
+
+    init_ray()
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1} if has_gpus else {"num_cpus": cfg.cpus_per_identity}
     threads = None
@@ -298,9 +301,6 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
     shipped with the task): a hook for monitoring, and for tests that must prove identities run at once."""
     from raypdm.config import save_resolved_config
     from raypdm.data.layout import list_images
-    from raypdm.runtime import init_ray
-
-    init_ray()
     method = cfg.method.strip().lower().replace("-", "_")
     options = protection_options(method, cfg.options)
     stage_config = {"stage": "protect", "method": method, "options": options, "preset": cfg.preset,

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,3 +148,10 @@ def test_killed_runs_with_another_config_then_the_old_config_converge(workdir):
         last.stdout
     assert "1 staged files removed" in last.stdout, last.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p not in victims} == stamps
+
+    # Finished: the re-run plans from the manifest and two listings, and starts no Ray at all.
+    quiet_env = dict(env, RAY_TMPDIR=tempfile.mkdtemp(prefix="rp-", dir="/tmp"))
+    done = _run(cwd, quiet_env)
+    assert f"{N} outputs verified, {N} inputs skipped" in done.stdout and "recomputed" not in done.stdout
+    assert not os.listdir(quiet_env["RAY_TMPDIR"]), "a finished re-run started Ray"
+    shutil.rmtree(quiet_env["RAY_TMPDIR"], ignore_errors=True)
