@@ -262,6 +262,11 @@ def save_resolved_config(config: JobConfig, out_uri: str, name: str = "config.ya
     """Write the resolved config beside the run's outputs, so every result says how it was made."""
     from raypdm.data.uri import join, write_bytes
 
+    from raypdm.data.manifest import current_run_id
+
     target = join(out_uri, name)
-    write_bytes(target, config.to_yaml().encode())
+    run_id = current_run_id()
+    # A comment, so the file still loads as a config (`--config OUT/config.yaml` repeats the run).
+    header = f"# run_id: {run_id}  (the manifest rows this run wrote carry the same id)\n" if run_id else ""
+    write_bytes(target, (header + config.to_yaml()).encode())
     return target

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from raypdm.config import JobConfig, Uri, save_resolved_config
 from raypdm.data.uri import join
 from raypdm.ui import console, print_table, stage_progress, stage_summary_table
+from raypdm.data.manifest import in_run_scope
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "demo_redteam_config"]
 
@@ -108,6 +109,7 @@ def demo_redteam_config(cfg: DemoConfig, data: str, identities: list[str]):
                                          "identities": identities})
 
 
+@in_run_scope
 def run_demo(cfg: DemoConfig, ctx=None) -> DemoResult:
     from raypdm.data.check import check_dataset
     from raypdm.data.synthetic import make_synthetic

@@ -15,10 +15,14 @@ reads them, skips what they cover and compacts everything.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import itertools
 import posixpath
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
-from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,15 +61,79 @@ __all__ = [
     "row_key",
     "conform",
     "Manifest",
+    "current_run_id",
+    "new_run_id",
+    "run_scope",
+    "in_run_scope",
 ]
+
+
+# ------------------------------------------------------------------------------------------ run ids
+_RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("raypdm_run_id", default=None)
+_PART_SEQ = itertools.count()
+
+
+def new_run_id() -> str:
+    """Sortable to the microsecond: parts are read in name order and a later run's rows must win, also when
+    two runs start within one second (a re-run right after a kill)."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:6]}"
+
+
+def current_run_id() -> str | None:
+    return _RUN_ID.get()
+
+
+@contextlib.contextmanager
+def run_scope() -> Iterator[str]:
+    """One run id for everything written inside (every stage of a command, its config.yaml); an outer
+    scope's id is kept, so a red-team run's stages share the command's id."""
+    outer = _RUN_ID.get()
+    if outer is not None:
+        yield outer
+        return
+    token = _RUN_ID.set(new_run_id())
+    try:
+        yield _RUN_ID.get()
+    finally:
+        _RUN_ID.reset(token)
+
+
+def in_run_scope(fn):
+    """Decorate a command's entry point: everything it writes shares one run id (see `run_scope`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with run_scope():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def row_key(identity: str, split: str, name: str, input_sha256: str | None, config_hash: str) -> str:
     return f"{identity}/{split}/{name}|{input_sha256 or ''}|{config_hash}"
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Put the base columns first with their declared types; keep any extra stage columns after them."""
+def _cast_extra(col, want: pa.DataType):
+    """A stage column to its declared type: 1.0/0.0 flags to bool, NaN to null (no NaN in a bool or an int)."""
+    import pyarrow.compute as pc
+
+    if col.type == want:
+        return col
+    if pa.types.is_null(col.type):
+        return col.cast(want)
+    if pa.types.is_floating(col.type) and (pa.types.is_boolean(want) or pa.types.is_integer(want)):
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+        return pc.not_equal(col, 0) if pa.types.is_boolean(want) else col.cast(want)
+    return col.cast(want)
+
+
+def conform(table: pa.Table, kind: str | None = None) -> pa.Table:
+    """Put the base columns first with their declared types; keep any extra stage columns after them, each
+    with the type `kind`'s declaration gives it (raypdm/data/schemas.py), and say the kind in the metadata."""
+    from raypdm.data.schemas import KIND_KEY, declared_type
+
+    kind = kind or kind_of(table.schema)
     cols, fields = [], []
     for f in MANIFEST_FIELDS:
         if f.name in table.column_names:
@@ -77,11 +145,20 @@ def conform(table: pa.Table) -> pa.Table:
     for name in table.column_names:
         if name not in MANIFEST_COLUMNS:
             col = table.column(name)
-            if pa.types.is_null(col.type):
-                col = col.cast(pa.float64())
+            want = declared_type(kind, name)
+            if want is not None:
+                col = _cast_extra(col, want)
+            elif pa.types.is_null(col.type):
+                col = col.cast(pa.string())  # an undeclared label column with nothing in it yet
             cols.append(col)
             fields.append(pa.field(name, col.type))
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata={KIND_KEY: kind.encode()} if kind else None))
+
+
+def kind_of(schema: pa.Schema) -> str | None:
+    from raypdm.data.schemas import kind_of as _kind_of
+
+    return _kind_of(schema)
 
 
 class Manifest:
@@ -90,14 +167,12 @@ class Manifest:
     FILE = "manifest.parquet"
     PARTS = "_manifest_parts"
 
-    def __init__(self, out_uri: str):
+    def __init__(self, out_uri: str, kind: str | None = None):
+        """kind: which declared schema the rows follow (raypdm/data/schemas.py); None when only reading."""
         self.out_uri = str(out_uri)
+        self.kind = kind
         self.fs, self.root = fs_and_path(self.out_uri)
-        # Sortable to the microsecond: parts are read in name order and a later run's rows must win, also
-        # when two runs start within one second (a re-run right after a kill).
-        now = datetime.now(timezone.utc)
-        self.run_id = f"{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:6]}"
-        self._seq = 0
+        self.run_id = current_run_id() or new_run_id()
 
     # -- reading -----------------------------------------------------------------------------
     def _files(self) -> list[str]:
@@ -115,11 +190,11 @@ class Manifest:
         tables = []
         for path in self._files():
             with self.fs.open(path, "rb") as f:
-                tables.append(conform(pq.read_table(f)))
+                tables.append(conform(pq.read_table(f), self.kind))
         if not tables:
             return MANIFEST_SCHEMA.empty_table()
         table = pa.concat_tables(tables, promote_options="permissive")
-        return _dedupe(table)
+        return conform(_dedupe(table), self.kind or kind_of(tables[0].schema))
 
     def done_keys(self) -> set[str]:
         table = self.read()
@@ -138,8 +213,8 @@ class Manifest:
         if table.num_rows == 0:
             return 0
         table = self.stamp(table)
-        name = f"part-{self.run_id}-{self._seq:06d}.parquet"
-        self._seq += 1
+        # Process-wide sequence: two Manifest objects of one run on one folder never write the same part name.
+        name = f"part-{self.run_id}-{next(_PART_SEQ):06d}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         write_bytes(join(self.out_uri, self.PARTS, name), sink.getvalue().to_pybytes())
@@ -149,7 +224,7 @@ class Manifest:
         """`table` conformed, with this run's id wherever a row has none."""
         import pyarrow.compute as pc
 
-        table = conform(table)
+        table = conform(table, self.kind)
         i = table.column_names.index("run_id")
         return table.set_column(i, "run_id", pc.fill_null(table.column(i), pa.scalar(self.run_id, pa.string())))
 

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from raypdm.config import Identities, JobConfig, StrictModel, Uri, config_hash
 from raypdm.data.decode import sha256_hex
 from raypdm.data.layout import SPLITS
+from raypdm.data.manifest import in_run_scope
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ def _to_table(batch: pa.Table) -> pa.Table:
     return _with_nulls(batch)
 
 
+@in_run_scope
 def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
     """Score every image under `cfg.images`; resumable; returns the summary and writes the tables."""
     import ray
@@ -358,7 +360,7 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
         refs = [r for r in refs if r.split in cfg.splits]
     summary = EvaluateSummary(output=cfg.output, total=len(refs), problems=problems)
     chash = config_hash(cfg.stage_config())
-    manifest = Manifest(cfg.output)
+    manifest = Manifest(cfg.output, kind="evaluate")
     done = frozenset(manifest.done_keys())
     identities = sorted({r.identity for r in refs})
 
@@ -543,7 +545,8 @@ def summarise_scores(scores, metrics: list[str]):
                                "errors": int(df["error"].notna().sum()) if ident == "ALL" else
                                int(df[(df["identity"] == ident)]["error"].notna().sum())}
         for c in cols:
-            row[c] = float(group[c].mean()) if len(group) else math.nan
+            # astype: flags are bools (with nulls where a scorer had nothing), averaged as shares
+            row[c] = float(group[c].astype("float64").mean()) if len(group) else math.nan
         if "face_found" in group.columns and len(group):
             from raypdm.metrics.identity import fdfr
 

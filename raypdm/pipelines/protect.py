@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from raypdm.config import Identities, JobConfig, Uri, config_hash, validate_section
 from raypdm.data.layout import SPLITS, ImageRef
 from raypdm.pipelines.stage import ImageStage, StageSummary, run_image_stage
+from raypdm.data.manifest import in_run_scope
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
 
     t0 = time.perf_counter()
     summary = StageSummary(stage=method, output=cfg.output, total=len(refs))
-    manifest = Manifest(cfg.output)
+    manifest = Manifest(cfg.output, kind="protect")
     latest = manifest.read().to_pylist()
     recovery = recover(cfg.output, latest)
     summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
@@ -293,6 +294,7 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
 # -------------------------------------------------------------------------------------------- driver
 
 
+@in_run_scope
 def run_protect(cfg: ProtectJobConfig, *, progress=None,
                 on_identity_start: Callable[[str], None] | None = None) -> list[StageSummary]:
     """Protect set_A (resumable), copy the other splits; returns one summary per step.
@@ -320,7 +322,7 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
             make_transform=functools.partial(_image_transform, method, options, cfg.preset, cfg.weights_dir),
             make_scorer=functools.partial(_Measure, cfg.lpips_backbone == "pretrained", cfg.weights_dir),
             uses_model=True, uses_gpu=True, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size, manifest_kind="protect",
         )
         summaries.append(run_image_stage(stage, cfg.input, cfg.output, refs=refs, progress=progress,
                                          verify=cfg.verify))
@@ -330,7 +332,7 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
         copy_refs, _ = list_images(cfg.input, identities=cfg.identities, splits=others)
         copy_cfg = {"stage": "copy"}
         copy = ImageStage(name="copy", config=copy_cfg, config_hash=config_hash(copy_cfg),
-                          make_transform=_copy_transform, batch_size=16)
+                          make_transform=_copy_transform, batch_size=16, manifest_kind="protect")
         summaries.append(run_image_stage(copy, cfg.input, cfg.output, refs=copy_refs, verify=cfg.verify))
     save_resolved_config(cfg, cfg.output)
     return summaries

@@ -12,6 +12,7 @@ from raypdm.config import Identities, JobConfig, Uri, config_hash, validate_sect
 from raypdm.data.decode import DEFAULT_MAX_PIXELS
 from raypdm.data.layout import SPLITS
 from raypdm.pipelines.stage import ImageStage, StageSummary, run_image_stage
+from raypdm.data.manifest import in_run_scope
 
 __all__ = ["PurifyConfig", "purify_stage", "run_purify"]
 
@@ -190,6 +191,7 @@ def _chain_uses_gpu(names: list[str]) -> bool:
     return any(purifier_uses_gpu(n) for n in names)
 
 
+@in_run_scope
 def run_purify(cfg: PurifyConfig, *, progress=None) -> StageSummary:
     from raypdm.config import save_resolved_config
 

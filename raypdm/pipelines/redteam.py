@@ -29,6 +29,7 @@ from raypdm.data.uri import join
 from raypdm.train.distributed import DistributedConfig
 from raypdm.train.dreambooth import TrainConfig
 from raypdm.train.priors import ClassPriorSection
+from raypdm.data.manifest import in_run_scope
 
 __all__ = ["ProtectionSpec", "RedteamConfig", "RedteamPlan", "RedteamSampling", "run_redteam", "smoke_overrides"]
 
@@ -285,6 +286,7 @@ class RedteamPlan:
                               splits=["set_A"])
 
 
+@in_run_scope
 def run_redteam(cfg: RedteamConfig, *, log=print, progress: bool = False, show_stages: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole matrix; returns {"results": DataFrame, "tables": {...}, "report": uri}.
 
@@ -378,8 +380,15 @@ def _collect(eval_dirs) -> Any:
 def _parquet(df, uri: str) -> None:
     from raypdm.data.uri import write_bytes
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    # A column with no value at all (`error` when nothing failed) would be typed null: keep it a string.
+    table = table.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema],
+                                 metadata=table.schema.metadata))
     buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
+    pq.write_table(table, buf)
     write_bytes(uri, buf.getvalue())
 
 

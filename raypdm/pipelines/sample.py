@@ -38,6 +38,7 @@ from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME, Manifest, conform, 
 from raypdm.pipelines.stage import StageSummary
 from raypdm.sample.decoupled import SamplingConfig, seeds_for
 from raypdm.train.prompts import CDLPrompts
+from raypdm.data.manifest import in_run_scope
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +440,7 @@ def _typed(table: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------------------------------- driver
 
 
+@in_run_scope
 def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None = None) -> StageSummary:
     """Sample every chosen identity; returns the stage summary. Safe to re-run: finished rows are skipped."""
     import ray
@@ -452,7 +454,7 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
     exports, problems = discover_exports(cfg.models, cfg.identities)
     plans = {ident: _plan(cfg, ident, export) for ident, export in exports.items()}
     summary = StageSummary(stage=STAGE, output=cfg.output, problems=problems)
-    manifest = Manifest(cfg.output)
+    manifest = Manifest(cfg.output, kind="sample")
     done = manifest.done_keys()
 
     prompts = cfg.sampling.prompts

@@ -79,6 +79,7 @@ class ImageStage:
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
     scorer_workers: int = 1
+    manifest_kind: str = "purify"  # the declared schema its manifest follows (raypdm/data/schemas.py)
 
 
 @dataclass
@@ -344,7 +345,7 @@ def run_image_stage(
     if refs is None:
         refs, problems = list_images(input_uri, identities=identities, splits=splits)
     summary = StageSummary(stage=stage.name, output=output_uri, total=len(refs), problems=problems)
-    manifest = Manifest(output_uri)
+    manifest = Manifest(output_uri, kind=stage.manifest_kind)
     latest = manifest.read().to_pylist()
     recovery = recover(output_uri, latest)
     summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed

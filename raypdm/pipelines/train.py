@@ -32,6 +32,7 @@ from raypdm.train.dreambooth import TrainConfig
 from raypdm.train.loggers import LoggerName, TrackingConfig, TrainLogging, check_backends
 from raypdm.train.priors import ClassPriorConfig, ClassPriorSection
 from raypdm.train.prompts import CDLPrompts, cdl_prompts
+from raypdm.data.manifest import in_run_scope
 
 __all__ = ["TrainJobConfig", "IdentityOutcome", "run_train", "run_train_many"]
 
@@ -230,6 +231,7 @@ def _labels(jobs: list[dict]) -> list[str]:
     return ["/".join(p[common:]) for p in parts]
 
 
+@in_run_scope
 def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = None,
                    log=print, progress: bool = True) -> list[list[IdentityOutcome]]:
     """Train the identities of several configs (e.g. the cells of a red-team matrix) in ONE Ray Tune

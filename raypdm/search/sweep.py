@@ -25,6 +25,7 @@ from raypdm.config import Identities, JobConfig, StrictModel, Uri
 from raypdm.search.space import SearchSpace
 from raypdm.train.dreambooth import TrainConfig
 from raypdm.train.priors import ClassPriorSection
+from raypdm.data.manifest import in_run_scope
 
 __all__ = ["SweepConfig", "SweepSampling", "ASHAConfig", "run_sweep"]
 
@@ -153,6 +154,7 @@ def _scheduler(cfg: SweepConfig, reports_per_trial: int):
                          grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
 
 
+@in_run_scope
 def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {"results": DataFrame, "best": dict, "trials": DataFrame}."""
     import ray

@@ -472,7 +472,7 @@ def generate_class_images(
     with _key_lock(key):
         if _complete(cfg, folder):  # another caller finished it while we waited
             return folder
-        manifest = Manifest(folder)
+        manifest = Manifest(folder, kind="class_priors")
         missing = missing_class_images(cfg, cache_root)
         if missing:
             failures = _generate_missing(cfg, folder, key, missing, manifest, progress)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from raypdm.data.manifest import Manifest
@@ -183,3 +185,38 @@ def test_the_output_is_quiet(demo):
         text = demo[run].stdout + demo[run].stderr
         for pattern in NOISE:
             assert not re.search(pattern, text), f"{run}: {pattern!r} in the demo's output"
+
+
+def test_every_manifest_follows_its_declared_schema_with_one_run_id(demo):
+    """Typed provenance (issue 26): each manifest the demo wrote says its kind and matches that kind's declared
+    schema (flags are bools, errors strings even when nothing failed), every row names the run that wrote it,
+    and every uri is absolute."""
+    import yaml
+
+    from raypdm.data.schemas import KINDS, check_manifest, kind_of
+
+    out = demo["out"]
+    paths = sorted(out.rglob("manifest.parquet"))
+    kinds, run_ids = set(), set()
+    for path in paths:
+        schema = pq.read_schema(path)
+        labels: tuple[str, ...] = ()
+        if kind_of(schema) == "evaluate":
+            labels = tuple(yaml.safe_load((path.parent / "config.yaml").read_text()).get("settings") or {})
+        assert check_manifest(schema, labels) == [], (path, check_manifest(schema, labels))
+        kinds.add(kind_of(schema))
+        table = pq.read_table(path)
+        assert table.column("run_id").null_count == 0, path
+        run_ids |= set(table.column("run_id").to_pylist())
+        for uri in table.column("uri").drop_null().to_pylist() + table.column("src_uri").drop_null().to_pylist():
+            assert os.path.isabs(uri) or "://" in uri, (path, uri)
+    assert kinds == set(KINDS), kinds
+    # The demo is one run: every row it wrote carries its id (the re-run wrote none), as its first
+    # config.yaml said; the re-run's own id heads the config files it rewrote.
+    assert len(run_ids) == 1, run_ids
+    header = (out / "purify" / "jpeg" / "config.yaml").read_text().splitlines()[0]
+    assert header.startswith("# run_id: "), header
+    scores = pq.read_table(out / "redteam" / "evaluate" / "advdm" / "codesr" / "cdl" / "seed0" / "manifest.parquet")
+    assert scores.schema.field("face_found").type == pa.bool_() and scores.schema.field("error").type == pa.string()
+    results = pq.read_schema(out / "redteam" / "results.parquet")
+    assert pa.types.is_string(results.field("error").type) or pa.types.is_large_string(results.field("error").type)
