@@ -249,7 +249,7 @@ JOBS: tuple[JobSpec, ...] = (
                Flag("--prompts", ("sampling.prompts",), multiple=True,
                     help="generation prompt (repeatable) [the paper's two]"),
                Flag("--size", ("sampling.height", "sampling.width"), type=click.INT, help="image side [512]")),
-        smoke_inputs=_sample_inputs,
+        smoke_inputs=_sample_inputs, ray_on_demand=True,
     ),
     JobSpec(
         name="evaluate", summary="Score images: identity (IMS, FDFR), quality (Q), faithfulness, latent mismatch.",
@@ -260,7 +260,7 @@ JOBS: tuple[JobSpec, ...] = (
                     help="extra image set for the mismatch probe, e.g. --group protected=runs/protected"),
                _LPIPS),
         skip=("settings", "mismatch_groups"),
-        smoke_inputs=_fill("images", reference="reference"),
+        smoke_inputs=_fill("images", reference="reference"), ray_on_demand=True,
     ),
     JobSpec(
         name="sweep", aliases=("sweep_noise_tokens", "sweep-noise-tokens"),

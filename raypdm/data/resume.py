@@ -31,7 +31,8 @@ from raypdm.data.uri import fs_and_path
 Verify = Literal["size", "full"]
 VERIFY_MODES: tuple[str, ...] = ("size", "full")
 
-__all__ = ["DRIVER_HASH_MAX", "VERIFY_MODES", "ResumePlan", "Verify", "plan_resume"]
+__all__ = ["DRIVER_HASH_MAX", "VERIFY_MODES", "OutputCheck", "ResumePlan", "Verify", "check_outputs", "plan_resume",
+           "verified_done_keys"]
 
 _HASH_THREADS = 8
 # Inputs the quick check cannot decide are hashed in the driver up to this many; above, by the pipeline.
@@ -85,6 +86,47 @@ def _same(a, b) -> bool:
     return a is not None and b is not None and a == a and b == b and a == b  # NaN never matches
 
 
+@dataclass
+class OutputCheck:
+    ok: list[bool]  # per row: True for a finished row whose file matches it, and for rows with no output
+    reasons: Counter  # why the others failed: missing / size / hash
+
+
+def check_outputs(rows: list[dict], out_uri: str, verify: Verify = "size",
+                  sizes: dict[str, int] | None = None) -> OutputCheck:
+    """Check each finished row's output against it: present, of `output_bytes`, and with `verify="full"`
+    (or when a row recorded no size) of `output_sha256`. Rows with an error have no output (ok)."""
+    sizes = _output_sizes(out_uri) if sizes is None else sizes
+    result = OutputCheck(ok=[True] * len(rows), reasons=Counter())
+    to_hash: list[int] = []
+    for i, row in enumerate(rows):
+        if row.get("error") is not None:
+            continue
+        size = sizes.get(fs_and_path(row["uri"])[1]) if row.get("uri") else None
+        if size is None:
+            result.ok[i], result.reasons["missing"] = False, result.reasons["missing"] + 1
+        elif row.get("output_bytes") is not None and int(row["output_bytes"]) != size:
+            result.ok[i], result.reasons["size"] = False, result.reasons["size"] + 1
+        elif verify == "full" or row.get("output_bytes") is None:
+            to_hash.append(i)
+    digests = _hashes([rows[i]["uri"] for i in to_hash])
+    for i in to_hash:
+        if digests.get(rows[i]["uri"]) != rows[i].get("output_sha256"):
+            result.ok[i], result.reasons["hash"] = False, result.reasons["hash"] + 1
+    return result
+
+
+def verified_done_keys(latest: list[dict], out_uri: str, verify: Verify = "size") -> tuple[set[str], OutputCheck]:
+    """For stages whose inputs are not files (sampling: a model and a seed): the keys of the latest rows
+    that still count as done (finished with a matching output, or failed for the input's own reason)."""
+    checked = check_outputs(latest, out_uri, verify)
+    keys = set()
+    for row, ok in zip(latest, checked.ok):
+        if ok and (row.get("error") is None or row.get("error_kind") == ERROR_INPUT):
+            keys.add(row_key(row["identity"], row["split"], row["name"], row.get("input_sha256"), row["config_hash"]))
+    return keys, checked
+
+
 def plan_resume(refs: list[ImageRef], latest: Iterable[dict], config_hash: str, out_uri: str,
                 verify: Verify = "size") -> ResumePlan:
     """Split `refs` into done (verified here) and to-do, with the reason each earlier row was not enough.
@@ -97,7 +139,6 @@ def plan_resume(refs: list[ImageRef], latest: Iterable[dict], config_hash: str, 
     if not rows:
         plan.todo = list(refs)
         return plan
-    sizes = _output_sizes(out_uri)
     candidates: list[tuple[ImageRef, dict]] = []
     for ref in refs:
         row = rows.get((ref.identity, ref.split, ref.name))
@@ -113,31 +154,9 @@ def plan_resume(refs: list[ImageRef], latest: Iterable[dict], config_hash: str, 
             candidates.append((ref, row))
 
     # Outputs: present, of the recorded size, and (full, or no recorded size) of the recorded hash.
-    to_hash: list[str] = []
-    output_ok: dict[int, bool] = {}
-    for i, (ref, row) in enumerate(candidates):
-        if row.get("error") is not None:
-            continue  # an input error has no output
-        path = fs_and_path(row["uri"])[1] if row.get("uri") else None
-        size = sizes.get(path) if path else None
-        if size is None:
-            plan.recomputed["missing"] += 1
-            output_ok[i] = False
-        elif row.get("output_bytes") is not None and int(row["output_bytes"]) != size:
-            plan.recomputed["size"] += 1
-            output_ok[i] = False
-        elif verify == "full" or row.get("output_bytes") is None:
-            to_hash.append(row["uri"])
-        else:
-            output_ok[i] = True
-    digests = _hashes(to_hash)
-    for i, (ref, row) in enumerate(candidates):
-        if i in output_ok or row.get("error") is not None:
-            continue
-        ok = digests.get(row["uri"]) == row.get("output_sha256")
-        if not ok:
-            plan.recomputed["hash"] += 1
-        output_ok[i] = ok
+    checked = check_outputs([row for _, row in candidates], out_uri, verify)
+    plan.recomputed.update(checked.reasons)
+    output_ok = dict(enumerate(checked.ok))
 
     # Inputs: unchanged since the row was made (quick check, or their hash with verify="full").
     input_digests = _hashes([ref.src_uri for i, (ref, _) in enumerate(candidates) if output_ok.get(i, True)]

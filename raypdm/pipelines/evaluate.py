@@ -349,7 +349,6 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
     from raypdm.pipelines.stage import _placement, ImageStage
     from raypdm.runtime import init_ray
 
-    init_ray()
     t0 = time.perf_counter()
     if "lpips" in cfg.metrics and cfg.lpips_backbone == "pretrained":
         from raypdm.models.preflight import check_models
@@ -374,6 +373,7 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
         summary.seconds = time.perf_counter() - t0
         return summary
 
+    init_ray()  # only now: a finished re-run (above) starts no Ray
     # Placement: the scorers hold models, so they get GPUs when the cluster has them.
     placement_stage = ImageStage(name="evaluate", config={}, config_hash=chash, make_transform=lambda: None,
                                  uses_model=True, uses_gpu=True, workers=cfg.workers,

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from raypdm.config import Identities, JobConfig, Uri, config_hash
 from raypdm.data.layout import LayoutError, validate_component
 from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME, Manifest, conform, row_key
+from raypdm.data.schemas import EXTRA_COLUMNS as _SCHEMAS
 from raypdm.pipelines.stage import StageSummary
 from raypdm.sample.decoupled import SamplingConfig, seeds_for
 from raypdm.train.prompts import CDLPrompts
@@ -57,22 +58,9 @@ PROMPTS_FILE = "cdl_prompts.json"
 STAGE = "sample"
 _SMALL_FILE = 1 << 20  # files up to 1 MiB are fingerprinted by content, larger ones by fsspec's ukey
 
-# Columns this stage adds after the manifest's base columns, with their types.
-EXTRA_COLUMNS: dict[str, pa.DataType] = {
-    "prompt": pa.string(),
-    "prompt_index": pa.int64(),
-    "image_index": pa.int64(),
-    "positive_prompt": pa.string(),
-    "negative_prompt": pa.string(),
-    "seed": pa.int64(),
-    "w": pa.float64(),
-    "cfg_scale": pa.float64(),
-    "token": pa.string(),
-    "steps": pa.int64(),
-    "scheduler": pa.string(),
-    "height": pa.int64(),
-    "width": pa.int64(),
-}
+# Columns this stage adds after the manifest's base columns, with their types (declared with every other
+# kind of manifest in raypdm/data/schemas.py).
+EXTRA_COLUMNS: dict[str, pa.DataType] = _SCHEMAS["sample"]
 
 
 def prompt_slug(prompt: str) -> str:
@@ -94,6 +82,9 @@ class SampleJobConfig(JobConfig):
     gpus_per_worker: float = Field(1.0, ge=0, le=8)
     batch_size: int = Field(8, ge=1, le=1024, description="images per work unit (one identity, one prompt)")
     max_cached_models: int = Field(2, ge=1, le=16, description="pipelines each actor keeps loaded")
+    verify: Literal["size", "full"] = Field(
+        "size", description="how a re-run checks finished images: size (a listing) or full (sha256 of every file)"
+    )
 
     @model_validator(mode="after")
     def _distinct_slugs(self) -> SampleJobConfig:
@@ -286,7 +277,8 @@ def _is_resource_error(exc: BaseException) -> bool:
 class _SampleWorker:
     """One actor of the pool: samples work units (one identity, one prompt, ≤ batch_size seeds)."""
 
-    def __init__(self, plans: dict[str, dict[str, Any]], output: str, threads: int | None, max_cached: int):
+    def __init__(self, plans: dict[str, dict[str, Any]], output: str, threads: int | None, max_cached: int,
+                 run_id: str = ""):
         import torch
 
         from raypdm.runtime import default_device
@@ -295,6 +287,7 @@ class _SampleWorker:
             torch.set_num_threads(threads)
         self.plans = plans
         self.output = output
+        self.run_id = run_id  # outputs are written under staged names of this run (data/commit.py)
         self.max_cached = max_cached
         self.device = default_device()
         self.cache: OrderedDict[str, Any] = OrderedDict()
@@ -324,8 +317,9 @@ class _SampleWorker:
         return {name: _objects([r.get(name) for r in rows]) for name in _ROW_FIELDS}
 
     def _unit(self, identity: str, unit: dict[str, Any]) -> list[dict[str, Any]]:
+        from raypdm.data.commit import write_staged
         from raypdm.data.decode import encode_png, sha256_hex
-        from raypdm.data.uri import join, write_bytes
+        from raypdm.data.uri import join
 
         plan = self.plans[identity]
         prompt, slug = unit["prompt"], unit["slug"]
@@ -358,8 +352,8 @@ class _SampleWorker:
             target = join(self.output, identity, slug, row["name"])
             try:
                 data = encode_png(image)
-                write_bytes(target, data)
-                row.update(uri=target, output_sha256=sha256_hex(data), seconds=seconds)
+                write_staged(target, data, self.run_id)
+                row.update(uri=target, output_sha256=sha256_hex(data), output_bytes=len(data), seconds=seconds)
             except Exception as exc:
                 row.update(error=f"cannot write output: {type(exc).__name__}: {exc}", error_kind=ERROR_RUNTIME)
             out.append(row)
@@ -383,8 +377,8 @@ def _objects(values: list) -> np.ndarray:
 
 
 _ROW_FIELDS = (
-    "identity", "split", "name", "src_uri", "uri", "input_sha256", "output_sha256", "stage", "config_hash",
-    "seconds", "error", "error_kind", *EXTRA_COLUMNS,
+    "identity", "split", "name", "src_uri", "uri", "input_sha256", "output_sha256", "output_bytes", "stage",
+    "config_hash", "seconds", "error", "error_kind", *EXTRA_COLUMNS,
 )
 
 
@@ -442,20 +436,24 @@ def _typed(table: pa.Table) -> pa.Table:
 
 @in_run_scope
 def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None = None) -> StageSummary:
-    """Sample every chosen identity; returns the stage summary. Safe to re-run: finished rows are skipped."""
-    import ray
-    import ray.data
-
+    """Sample every chosen identity; returns the stage summary. Safe to re-run, also after a kill: finished
+    rows whose images verify are skipped (data/resume.py), images become visible only with their rows
+    (data/commit.py), and a re-run with nothing left starts no Ray."""
     from raypdm.config import save_resolved_config
-    from raypdm.runtime import init_ray
+    from raypdm.data.commit import discard_stale, publish, recover
+    from raypdm.data.resume import verified_done_keys
 
-    init_ray()
     t0 = time.perf_counter()
     exports, problems = discover_exports(cfg.models, cfg.identities)
     plans = {ident: _plan(cfg, ident, export) for ident, export in exports.items()}
     summary = StageSummary(stage=STAGE, output=cfg.output, problems=problems)
     manifest = Manifest(cfg.output, kind="sample")
-    done = manifest.done_keys()
+    latest = manifest.read().to_pylist()
+    recovery = recover(cfg.output, latest)
+    summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
+    done, checked = verified_done_keys(latest, cfg.output, cfg.verify)
+    summary.recomputed = dict(checked.reasons)
+    summary.verified = sum(ok and row.get("error") is None for row, ok in zip(latest, checked.ok))
 
     prompts = cfg.sampling.prompts
     units: list[dict[str, Any]] = []
@@ -499,7 +497,10 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
         errors = rows.num_rows - rows.column("error").null_count
         summary.errors += errors
         summary.processed += rows.num_rows - errors
+        rows = manifest.stamp(rows)  # the commit order of data/commit.py: rows durable, then files renamed
         manifest.append(rows)
+        publish(rows, manifest.run_id)
+        discard_stale(cfg.output, rows)
         seen += rows.num_rows
         if progress:
             progress(seen, todo_rows)
@@ -508,12 +509,18 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
         if broken_rows:
             record(pa.Table.from_pylist(broken_rows))
         if units:
+            import ray
+            import ray.data
+
+            from raypdm.runtime import init_ray
+
+            init_ray()
             remote_args, threads = pool_resources(cfg.workers, cfg.gpus_per_worker)
             size = max(1, min(cfg.workers, len(units)))
             ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 200)))
             ds = ds.map_batches(
                 _SampleWorker,
-                fn_constructor_args=(plan_dicts, cfg.output, threads, cfg.max_cached_models),
+                fn_constructor_args=(plan_dicts, cfg.output, threads, cfg.max_cached_models, manifest.run_id),
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
                 **remote_args,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import threading
@@ -167,6 +168,18 @@ def test_sampling_stage_rows_seeds_resume_and_broken_export(ray_local, trained_m
     after = _snapshot(out)
     assert {p for p in after if after[p] != before.get(p)} <= {out / "config.yaml"}
     assert Manifest(str(out)).read().num_rows == 12
+    assert second.verified == 8 and not second.recomputed
+
+    # A deleted image is sampled again (its row replaced), a stray staged file removed; the rest untouched.
+    victim = Path(by[("alice", 0, 1)]["uri"])
+    victim.unlink()
+    (victim.parent / (victim.name + ".tmp-20990101T000000000000Z-abcdef")).write_bytes(b"stray")
+    third = run_sample(cfg)
+    assert (third.processed, third.skipped, third.recomputed, third.cleaned) == (1, 11, {"missing": 1}, 1)
+    fresh = {(r["identity"], r["split"], r["name"]): r for r in Manifest(str(out)).read().to_pylist()}
+    assert len(fresh) == 12 and hashlib.sha256(victim.read_bytes()).hexdigest() == \
+        fresh[("alice", by[("alice", 0, 1)]["split"], victim.name)]["output_sha256"]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
 def test_guided_sampling_uris_and_missing_identity(ray_local, trained_models, tmp_path):
