@@ -75,6 +75,14 @@ def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunCon
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
         return None
+    from raypdm.data.roots import RootOverlapError, check_apart, read_roots
+
+    try:
+        # Before anything starts: a command never writes into what it reads (raypdm/data/roots.py).
+        if getattr(cfg, "output", None):
+            check_apart(cfg.output, read_roots(cfg))
+    except RootOverlapError as exc:
+        raise JobAbort(str(exc)) from None
     try:
         preflight(spec, cfg)
     except FileNotFoundError as exc:  # MissingWeightsError and friends: names every file and the fetch command

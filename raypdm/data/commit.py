@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
+from raypdm.data.roots import OutsideRootError, check_inside
 from raypdm.data.uri import fs_and_path
 
 STAGED_MARK = ".tmp-"
@@ -42,17 +43,25 @@ def staged_uri(final_uri: str, run_id: str) -> str:
     return f"{final_uri}{STAGED_MARK}{run_id}"
 
 
-def write_staged(final_uri: str, data: bytes, run_id: str) -> None:
+def write_staged(final_uri: str, data: bytes, run_id: str, root: str | None = None) -> None:
     """Write `data` to the staged name of `final_uri`, durably on a local disk (fsync before returning).
 
+    root: the output root; the staged file's folder must resolve inside it (a symlinked folder planted in the
+    output root raises OutsideRootError before a folder is made or a byte written; raypdm/data/roots.py).
     Object stores publish a put atomically and durably; the staged object is renamed by `publish`."""
     target = staged_uri(final_uri, run_id)
     fs, path = fs_and_path(target)
+    if root is not None and isinstance(fs, LocalFileSystem):
+        path = check_inside(root, path)
+    elif root is not None:
+        check_inside(root, target)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
-        with open(path, "wb") as f:
+        # O_NOFOLLOW: a link planted under the staged name is not written through.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -97,8 +106,11 @@ def publish(rows: pa.Table, run_id: str) -> int:
     return sum(_parallel(move, finals, 1 if local else 16))
 
 
-def discard_output(final_uri: str) -> bool:
-    """Remove a final output that no longer has a row describing it (its input now fails). True if removed."""
+def discard_output(final_uri: str, root: str | None = None) -> bool:
+    """Remove a final output that no longer has a row describing it (its input now fails). True if removed.
+    Nothing outside the output root `root` is ever removed (OutsideRootError)."""
+    if root is not None:
+        check_inside(root, final_uri)
     fs, path = fs_and_path(final_uri)
     try:
         fs.rm(path)
@@ -143,6 +155,10 @@ def recover(out_uri: str, latest: Iterable[dict]) -> Recovery:
             by_path[fs_and_path(row["uri"])[1]] = row
     for path, size in sorted(staged.items()):
         final, _, run_id = path.rpartition(STAGED_MARK)
+        try:
+            check_inside(out_uri, path)
+        except OutsideRootError:  # reached through a symlinked folder: not ours to move or remove
+            continue
         row = by_path.get(final)
         committed = (row is not None and row.get("run_id") == run_id and not row.get("error")
                      and row.get("output_bytes") is not None and int(row["output_bytes"]) == size)
@@ -170,6 +186,6 @@ def discard_stale(out_uri: str, rows: pa.Table) -> None:
             # output_uri refuses names that are not safe components: nothing outside the root is touched.
             ident, split, name = row["identity"], row["split"], row["name"]
             target = output_uri(out_uri, ImageRef(ident, split, name, "", name_problem(ident, split, name)))
-            discard_output(target)
+            discard_output(target, out_uri)
         except Exception:  # an invalid name has no output location; a vanished file is fine
             pass

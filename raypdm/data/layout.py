@@ -11,6 +11,7 @@ two inputs can land on the same output file after normalisation.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import unicodedata
 from collections import defaultdict
@@ -34,6 +35,11 @@ __all__ = [
 ]
 
 
+# Unicode categories no name should contain: format characters (bidi overrides and isolates, zero-width
+# spaces and joiners, the BOM, soft hyphens), private use, surrogates, unassigned, line/paragraph separators.
+_INVISIBLE = frozenset({"Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
+
+
 class LayoutError(ValueError):
     """A name or folder that does not fit the dataset layout or would escape the output root."""
 
@@ -52,6 +58,12 @@ def validate_component(name: str, what: str = "name") -> str:
         raise LayoutError(f"{what} {name!r} looks like a drive-absolute path")
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise LayoutError(f"{what} {name!r} contains control characters")
+    hidden = [ch for ch in name if unicodedata.category(ch) in _INVISIBLE]
+    if hidden:
+        # Bidi overrides make `gpj.exe` read as `exe.jpg`; zero-width characters make two names that look the
+        # same differ (or a name look empty). Both hide what a file really is from the person reading a table.
+        which = ", ".join(sorted({f"U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}" for ch in hidden}))
+        raise LayoutError(f"{what} {name!r} contains invisible or direction-changing characters ({which})")
     if name != name.strip():
         raise LayoutError(f"{what} {name!r} has leading or trailing whitespace")
     if len(name.encode()) > 200:
@@ -106,29 +118,51 @@ def list_images(
     identities: list[str] | None = None,
     splits: tuple[str, ...] | list[str] | None = SPLITS,
     any_split: bool = False,
+    follow_symlinks: bool = False,
 ) -> tuple[list[ImageRef], list[str]]:
     """List every file of the layout under `root`.
 
     any_split: accept every sub-folder of an identity as a "split" (generated images live under
-    `<identity>/<prompt slug>/`); `splits` is then ignored. Returns (refs, problems). Files whose names are unsafe or collide after normalisation are returned
-    as refs with `error` set (they become error rows, the job goes on); folders and files that are not
-    part of the layout at all are reported in `problems`.
+    `<identity>/<prompt slug>/`); `splits` is then ignored. Returns (refs, problems). Files whose names are
+    unsafe or collide after normalisation are returned as refs with `error` set (they become error rows, the
+    job goes on); folders and files that are not part of the layout at all are reported in `problems`, and
+    so are hidden entries, an interrupted run's leftover staged files and symlinked folders (skipped unless
+    `follow_symlinks`): nothing is dropped without a word. A file that is a symlink resolving outside the
+    root becomes an error row unless `follow_symlinks`.
     """
     fs, base = fs_and_path(root)
     if not fs.exists(base) or not fs.isdir(base):
         raise LayoutError(f"dataset root {root!r} does not exist or is not a folder")
     base = base.rstrip("/")
+    real_base = os.path.realpath(base) if _is_local(fs) else base
     wanted_splits = tuple(splits) if splits else SPLITS
     if identities is not None:
         for ident in identities:
             validate_component(ident, "identity")
     problems: list[str] = []
     refs: list[ImageRef] = []
+    skipped: dict[str, list[str]] = defaultdict(list)  # what kind of entry -> the relative paths skipped
+
+    def folder(entry: dict, rel: str) -> bool | None:
+        """True: a folder to read; False: a symlinked folder not followed (reported); None: not a folder."""
+        if entry.get("islink"):
+            if not fs.isdir(entry["name"]):
+                return None
+            if not follow_symlinks:
+                skipped["symlinked folders (follow_symlinks to read them)"].append(rel)
+                return False
+            return True
+        return True if entry["type"] == "directory" else None
+
     for entry in sorted(fs.ls(base, detail=True), key=lambda e: e["name"]):
         ident = posixpath.basename(entry["name"].rstrip("/"))
         if ident.startswith("."):
+            skipped["hidden entries"].append(ident)
             continue
-        if entry["type"] != "directory":
+        kind = folder(entry, ident)
+        if kind is False:
+            continue
+        if kind is None:
             if not ident.endswith((".parquet", ".yaml", ".json", ".html", ".md")):
                 problems.append(f"{ident}: a file at the identity level (expected <identity>/<split>/<image>)")
             continue
@@ -137,31 +171,59 @@ def list_images(
         for sub in sorted(fs.ls(entry["name"], detail=True), key=lambda e: e["name"]):
             split = posixpath.basename(sub["name"].rstrip("/"))
             if split.startswith("."):
+                skipped["hidden entries"].append(f"{ident}/{split}")
+                continue
+            kind = folder(sub, f"{ident}/{split}")
+            if kind is False:
                 continue
             if any_split:
-                if sub["type"] != "directory":
+                if kind is None:
                     problems.append(f"{ident}/{split}: a file at the split level (expected <identity>/<folder>/<image>)")
                     continue
-            elif sub["type"] != "directory" or split not in SPLITS:
+            elif kind is None or split not in SPLITS:
                 problems.append(f"{ident}/{split}: not a split folder (expected one of {', '.join(SPLITS)})")
                 continue
             elif split not in wanted_splits:
                 continue
             for f in sorted(fs.ls(sub["name"], detail=True), key=lambda e: e["name"]):
                 name = posixpath.basename(f["name"].rstrip("/"))
-                if name.startswith(".") or ".tmp-" in name:
+                rel = f"{ident}/{split}/{name}"
+                if ".tmp-" in name:
+                    skipped["leftover temporary files (an interrupted run's staged outputs)"].append(rel)
                     continue
-                if f["type"] == "directory":
-                    problems.append(f"{ident}/{split}/{name}: nested folder ignored")
+                if name.startswith("."):
+                    skipped["hidden entries"].append(rel)
                     continue
-                refs.append(ImageRef(ident, split, name, to_uri(fs, f["name"]), name_problem(ident, split, name),
-                                     _size(f), entry_mtime(f)))
+                if f["type"] == "directory" or (f.get("islink") and fs.isdir(f["name"])):
+                    problems.append(f"{rel}: nested folder ignored")
+                    continue
+                error = name_problem(ident, split, name)
+                info = f
+                if f.get("islink"):
+                    target = os.path.realpath(f["name"])
+                    inside = target == real_base or target.startswith(real_base.rstrip("/") + "/")
+                    if error is None and not inside and not follow_symlinks:
+                        error = f"{rel} is a symlink to {target}, outside the input root (follow_symlinks to read it)"
+                    try:
+                        info = fs.info(target)  # the size and time of what it points at
+                    except OSError:  # a dangling link: reading it makes the error row
+                        pass
+                refs.append(ImageRef(ident, split, name, to_uri(fs, f["name"]), error, _size(info), entry_mtime(info)))
+    for what, paths in skipped.items():
+        shown = ", ".join(paths[:3]) + (", …" if len(paths) > 3 else "")
+        problems.append(f"{len(paths)} {what} skipped: {shown}")
     if identities is not None:
         found = {r.identity for r in refs}
         for ident in identities:
             if ident not in found:
                 problems.append(f"{ident}: identity not found under {root}")
     return _mark_collisions(refs), problems
+
+
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 def _size(info: dict) -> int | None:

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypdm.data.roots import check_inside
 from raypdm.data.uri import fs_and_path, join, write_bytes
 
 ERROR_INPUT = "input"
@@ -217,7 +218,9 @@ class Manifest:
         name = f"part-{self.run_id}-{next(_PART_SEQ):06d}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        write_bytes(join(self.out_uri, self.PARTS, name), sink.getvalue().to_pybytes())
+        target = join(self.out_uri, self.PARTS, name)
+        check_inside(self.out_uri, target)  # a planted `_manifest_parts` link is not written through
+        write_bytes(target, sink.getvalue().to_pybytes())
         return table.num_rows
 
     def stamp(self, table: pa.Table) -> pa.Table:

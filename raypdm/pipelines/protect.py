@@ -51,6 +51,9 @@ class ProtectJobConfig(JobConfig):
     verify: Literal["size", "full"] = Field(
         "size", description="how a re-run checks finished outputs: size (a listing) or full (sha256 of every file)"
     )
+    follow_symlinks: bool = Field(
+        False, description="read input files and folders that are symlinks leading outside the input root"
+    )
 
     @field_validator("protect_split")
     @classmethod
@@ -204,7 +207,7 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
         try:
             data = encode_png(result.image)
             target = output_uri(cfg.output, ref)
-            write_staged(target, data, run_id)
+            write_staged(target, data, run_id, root=cfg.output)
             row.update(uri=target, output_sha256=sha256_hex(data), output_bytes=len(data),
                        **measure([image], [result.image])[0])
         except Exception as exc:
@@ -303,12 +306,16 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
     shipped with the task): a hook for monitoring, and for tests that must prove identities run at once."""
     from raypdm.config import save_resolved_config
     from raypdm.data.layout import list_images
+    from raypdm.data.roots import check_apart, read_roots
+
+    check_apart(cfg.output, read_roots(cfg))  # never write into the input (raises RootOverlapError)
     method = cfg.method.strip().lower().replace("-", "_")
     options = protection_options(method, cfg.options)
     stage_config = {"stage": "protect", "method": method, "options": options, "preset": cfg.preset,
                     "weights_dir": cfg.weights_dir, "lpips": cfg.lpips_backbone}
     chash = config_hash(stage_config)
-    refs, problems = list_images(cfg.input, identities=cfg.identities, splits=(cfg.protect_split,))
+    refs, problems = list_images(cfg.input, identities=cfg.identities, splits=(cfg.protect_split,),
+                                 follow_symlinks=cfg.follow_symlinks)
     if cfg.lpips_backbone == "pretrained":
         from raypdm.models.preflight import check_models
 
@@ -329,7 +336,8 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
     summaries[0].problems = problems
     if cfg.copy_splits:
         others = tuple(s for s in SPLITS if s != cfg.protect_split)
-        copy_refs, _ = list_images(cfg.input, identities=cfg.identities, splits=others)
+        copy_refs, _ = list_images(cfg.input, identities=cfg.identities, splits=others,
+                                   follow_symlinks=cfg.follow_symlinks)
         copy_cfg = {"stage": "copy"}
         copy = ImageStage(name="copy", config=copy_cfg, config_hash=config_hash(copy_cfg),
                           make_transform=_copy_transform, batch_size=16, manifest_kind="protect")

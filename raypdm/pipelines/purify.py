@@ -41,6 +41,9 @@ class PurifyConfig(JobConfig):
     verify: Literal["size", "full"] = Field(
         "size", description="how a re-run checks finished outputs: size (a listing) or full (sha256 of every file)"
     )
+    follow_symlinks: bool = Field(
+        False, description="read input files and folders that are symlinks leading outside the input root"
+    )
 
     @field_validator("splits")
     @classmethod
@@ -198,7 +201,7 @@ def run_purify(cfg: PurifyConfig, *, progress=None) -> StageSummary:
     stage = purify_stage(cfg)
     summary = run_image_stage(
         stage, cfg.input, cfg.output, identities=cfg.identities, splits=tuple(cfg.splits), progress=progress,
-        verify=cfg.verify,
+        verify=cfg.verify, follow_symlinks=cfg.follow_symlinks,
     )
     save_resolved_config(cfg, cfg.output)
     return summary

@@ -352,7 +352,7 @@ class _SampleWorker:
             target = join(self.output, identity, slug, row["name"])
             try:
                 data = encode_png(image)
-                write_staged(target, data, self.run_id)
+                write_staged(target, data, self.run_id, root=self.output)
                 row.update(uri=target, output_sha256=sha256_hex(data), output_bytes=len(data), seconds=seconds)
             except Exception as exc:
                 row.update(error=f"cannot write output: {type(exc).__name__}: {exc}", error_kind=ERROR_RUNTIME)
@@ -443,7 +443,10 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
     from raypdm.data.commit import discard_stale, publish, recover
     from raypdm.data.resume import verified_done_keys
 
+    from raypdm.data.roots import check_apart, read_roots
+
     t0 = time.perf_counter()
+    check_apart(cfg.output, read_roots(cfg))  # never write into the models (raises RootOverlapError)
     exports, problems = discover_exports(cfg.models, cfg.identities)
     plans = {ident: _plan(cfg, ident, export) for ident, export in exports.items()}
     summary = StageSummary(stage=STAGE, output=cfg.output, problems=problems)

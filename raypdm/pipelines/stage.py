@@ -223,7 +223,7 @@ def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, conf
         target = join(out_uri, ref.identity, ref.split, output_name(ref.name))
         try:
             data = encode_png(batch["image"][i])
-            write_staged(target, data, run_id)
+            write_staged(target, data, run_id, root=out_uri)
             uris[i], out_sha[i], out_bytes[i] = target, sha256_hex(data), len(data)
         except Exception as exc:
             errors[i], kinds[i] = f"cannot write output: {type(exc).__name__}: {exc}", ERROR_RUNTIME
@@ -332,6 +332,7 @@ def run_image_stage(
     flush_rows: int = 256,
     flush_seconds: float = 2.0,
     verify: Verify = "size",
+    follow_symlinks: bool = False,
 ) -> StageSummary:
     """Run one stage over a dataset and return its summary. Safe to re-run, and to re-run after a kill at
     any moment: finished rows whose outputs verify are skipped, everything else is done (again).
@@ -340,10 +341,14 @@ def run_image_stage(
     every output and input).
     flush_rows, flush_seconds: rows are made durable (and their files renamed into place) at least this
     often; what a kill loses is at most that much work, and a part file per flush is cheap."""
+    from raypdm.data.roots import check_apart
+
     t0 = time.perf_counter()
+    check_apart(output_uri, {"input": input_uri})  # never write into the input (raises RootOverlapError)
     problems: list[str] = []
     if refs is None:
-        refs, problems = list_images(input_uri, identities=identities, splits=splits)
+        refs, problems = list_images(input_uri, identities=identities, splits=splits,
+                                     follow_symlinks=follow_symlinks)
     summary = StageSummary(stage=stage.name, output=output_uri, total=len(refs), problems=problems)
     manifest = Manifest(output_uri, kind=stage.manifest_kind)
     latest = manifest.read().to_pylist()
