@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from procs import kill_processes_naming  # tests/integration is on sys.path (rootdir imports)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_demo import fresh_env, raypdm_cmd  # noqa: E402
@@ -61,19 +61,7 @@ def _parts(out: Path) -> set[str]:
 
 def _end_ray(env) -> None:
     """Whatever the killed driver's embedded Ray left running (only it names this RAY_TMPDIR)."""
-    leftovers = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(env["RAY_TMPDIR"] in arg for arg in proc.info["cmdline"] or []):
-                leftovers.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in leftovers:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(leftovers, timeout=15)
+    kill_processes_naming(env["RAY_TMPDIR"])
 
 
 def _interrupt(cwd, env, when, sig) -> None:

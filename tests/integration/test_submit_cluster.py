@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from procs import kill_processes_naming  # tests/integration is on sys.path (rootdir imports)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -84,8 +85,6 @@ def _wait_for(predicate, timeout: float, what: str, procs=()) -> None:
 def _stop(procs: list[subprocess.Popen], tmp: str) -> None:
     """SIGTERM each `ray start --block` we started; its handler ends the Ray processes it launched. Then
     kill, by pid, any process still naming our session folder (only ours can: the folder is unique)."""
-    import psutil
-
     for p in reversed(procs):  # worker first, then head
         if p.poll() is None:
             p.terminate()
@@ -95,19 +94,7 @@ def _stop(procs: list[subprocess.Popen], tmp: str) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=10)
-    leftovers = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(tmp in arg for arg in proc.info["cmdline"] or []):
-                leftovers.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in leftovers:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(leftovers, timeout=10)
+    kill_processes_naming(tmp, timeout=10)
 
 
 @pytest.fixture(scope="module")
