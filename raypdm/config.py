@@ -263,8 +263,10 @@ def save_resolved_config(config: JobConfig, out_uri: str, name: str = "config.ya
     from raypdm.data.uri import join, write_bytes
 
     from raypdm.data.manifest import current_run_id
+    from raypdm.data.roots import check_inside
 
     target = join(out_uri, name)
+    check_inside(out_uri, target)  # a planted link is not written through
     run_id = current_run_id()
     # A comment, so the file still loads as a config (`--config OUT/config.yaml` repeats the run).
     header = f"# run_id: {run_id}  (the manifest rows this run wrote carry the same id)\n" if run_id else ""

@@ -238,7 +238,9 @@ class Manifest:
         if parts or not self.fs.exists(posixpath.join(self.root, self.FILE)):
             sink = pa.BufferOutputStream()
             pq.write_table(table.sort_by([("identity", "ascending"), ("split", "ascending"), ("name", "ascending")]), sink)
-            write_bytes(join(self.out_uri, self.FILE), sink.getvalue().to_pybytes())
+            target = join(self.out_uri, self.FILE)
+            check_inside(self.out_uri, target)
+            write_bytes(target, sink.getvalue().to_pybytes())
             for p in parts:
                 self.fs.rm(p)
         return table
