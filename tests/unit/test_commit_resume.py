@@ -159,3 +159,23 @@ def test_plan_of_an_empty_output_is_every_input(tmp_path):
     assert plan.todo == refs and plan.skipped == 0 and not plan.recomputed
     with pytest.raises(ValueError, match="verify"):
         plan_resume(refs, [], CHASH, str(tmp_path), verify="sometimes")
+
+
+def test_an_input_that_now_fails_leaves_no_stale_output_and_nothing_outside_is_removed(tmp_path):
+    from raypdm.data.commit import discard_stale
+
+    refs = _dataset(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    _commit(out, refs, Manifest(str(out)))
+    outside = tmp_path / "set_A" / "victim.png"  # what out/../set_A/victim.png would reach
+    outside.parent.mkdir()
+    outside.write_bytes(b"keep me")
+    failed = pa.Table.from_pylist([
+        {"identity": "id000", "split": "set_A", "name": "0000.png", "error": "decode failed"},
+        {"identity": "id000", "split": "set_A", "name": "0001.png", "error": None},
+        {"identity": "..", "split": "set_A", "name": "victim.png", "error": "bad name"},  # never a path
+    ])
+    discard_stale(str(out), failed)
+    assert not (out / "id000" / "set_A" / "0000.png").exists()  # its row is an error now: the file goes
+    assert (out / "id000" / "set_A" / "0001.png").exists()
+    assert outside.read_bytes() == b"keep me"
