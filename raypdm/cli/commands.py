@@ -207,6 +207,12 @@ def check_cmd(uri) -> None:
             console.print(f"  {bad_uri}: {reason}", soft_wrap=True, highlight=False)
     for p in report.problems:
         console.print(f"[yellow]layout problem:[/yellow] {p}")
+    from raypdm.data.lock import live_writer
+
+    writer = live_writer(uri)  # read-only: no lock taken, but say that what was counted may be changing
+    if writer is not None:
+        console.print(f"[yellow]note:[/yellow] {uri} is being written right now by {writer.describe()}",
+                      soft_wrap=True, highlight=False)
     if not report.ok:
         console.print(f"[red]{len(report.bad)} bad files, {len(report.problems)} layout problems[/red]")
         sys.exit(1)

@@ -6,6 +6,7 @@
     -> validated config: every path absolute, every error with its full field path
     -> --print-config: the resolved YAML, then exit
     -> pre-flight, before Ray starts: every weight file the job will read is present
+    -> the output root's lock (one writer per output: raypdm/data/lock.py)
     -> quiet Ray, the job's run function, its terminal tables
 
 `run_job` is the same path for the CLI, `jobs/*.py` and the demo.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import click
@@ -87,6 +89,22 @@ def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunCon
         preflight(spec, cfg)
     except FileNotFoundError as exc:  # MissingWeightsError and friends: names every file and the fetch command
         raise JobAbort(str(exc)) from None
+    from raypdm.data.lock import OutputLockedError, hold_output
+    from raypdm.data.manifest import run_scope
+
+    with contextlib.ExitStack() as held:
+        run_id = held.enter_context(run_scope())
+        if getattr(cfg, "output", None):
+            try:
+                # One writer per output root, from before the first byte (smoke inputs included) and before Ray:
+                # a second run into the same root exits here, naming the holder (raypdm/data/lock.py).
+                held.enter_context(hold_output(cfg.output, run_id=run_id))
+            except OutputLockedError as exc:
+                raise JobAbort(str(exc)) from None
+        return _run(spec, cfg, data, smoke=smoke, ctx=ctx)
+
+
+def _run(spec: JobSpec, cfg, data: dict[str, Any], *, smoke: bool, ctx: RunContext) -> JobResult:
     from raypdm.runtime import init_ray, prefer_quiet
     from raypdm.ui import progress_enabled, set_progress
 

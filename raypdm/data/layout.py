@@ -18,6 +18,7 @@ from collections import defaultdict
 import dataclasses
 from dataclasses import dataclass
 
+from raypdm.data.lock import LOCK_NAME
 from raypdm.data.uri import entry_mtime, fs_and_path, join, to_uri
 
 SPLITS: tuple[str, ...] = ("set_A", "set_B", "set_C")
@@ -156,6 +157,8 @@ def list_images(
 
     for entry in sorted(fs.ls(base, detail=True), key=lambda e: e["name"]):
         ident = posixpath.basename(entry["name"].rstrip("/"))
+        if ident.startswith(LOCK_NAME):
+            continue  # a run's lock on this root (raypdm/data/lock.py): bookkeeping, not a stray entry
         if ident.startswith("."):
             skipped["hidden entries"].append(ident)
             continue

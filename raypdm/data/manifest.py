@@ -101,11 +101,15 @@ def run_scope() -> Iterator[str]:
 
 
 def in_run_scope(fn):
-    """Decorate a command's entry point: everything it writes shares one run id (see `run_scope`)."""
+    """Decorate a command's entry point (its first argument a config, or a list of them): everything it
+    writes shares one run id (see `run_scope`), and it holds the lock on each config's `output` root while it
+    runs (raypdm/data/lock.py; nested inside a root this process holds, it takes none)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with run_scope():
+        from raypdm.data.lock import hold_outputs, outputs_of
+
+        with run_scope(), hold_outputs(outputs_of(args[0]) if args else []):
             return fn(*args, **kwargs)
 
     return wrapper

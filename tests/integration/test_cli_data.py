@@ -14,9 +14,15 @@ def test_make_synthetic_then_check_ok(ray_local, tmp_path):
                               "--size", "32", "--real-photos"])
     assert res.exit_code == 0, res.output
     assert "wrote 18 images" in res.output
-    res = runner.invoke(cli, ["data", "check", str(tmp_path)])
+    # A run writing the root right now: `data check` is read-only, takes no lock, and says so.
+    from raypdm.data.lock import LOCK_NAME, OutputLock
+
+    with OutputLock(str(tmp_path), run_id="writer-run", command="raypdm purify"):
+        res = runner.invoke(cli, ["data", "check", str(tmp_path)], terminal_width=200)
+        assert (tmp_path / LOCK_NAME).exists()
     assert res.exit_code == 0, res.output
     assert "astronaut" in res.output and "ok" in res.output
+    assert "being written right now by run writer-run" in res.output and "hidden" not in res.output
 
 
 def test_check_lists_every_bad_file_and_fails(ray_local, tmp_path):

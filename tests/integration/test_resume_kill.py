@@ -1,7 +1,8 @@
 """Kill `raypdm purify` at awkward moments, through the real CLI in a subprocess, and check that a re-run
 converges: every input exactly once in the manifest, every file matching its row, nothing staged left over,
 whatever config the killed run had (issue 26: before the commit protocol, 12-18 of 42 PNGs were the
-killed run's quality-20 output under quality-75 rows)."""
+killed run's quality-20 output under quality-75 rows). A rival run into the same root is refused while the
+first lives; a killed run's lock is taken over by the next run (issue 27)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from procs import kill_processes_naming  # tests/integration is on sys.path (roo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_demo import fresh_env, raypdm_cmd  # noqa: E402
 
+from raypdm.data.lock import LOCK_NAME  # noqa: E402
 from raypdm.data.manifest import Manifest  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -102,22 +104,42 @@ def _check_converged(out: Path) -> None:
 def test_killed_runs_with_another_config_then_the_old_config_converge(workdir):
     cwd, env = workdir
     out = cwd / "out"
-    _run(cwd, env)
+    # A rival run into the same root while the first one runs: refused at once, naming the holder; the first
+    # run's output stays consistent (issue 27: both exited 0 and 24 of 42 files did not match their rows).
+    first = subprocess.Popen([*raypdm_cmd(), *PURIFY], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_NAME).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never took its lock"
+        time.sleep(0.02)
+    rival = subprocess.run([*raypdm_cmd(), *PURIFY, *OTHER_CONFIG], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert first.poll() is None, "the first run ended before its rival asked (the rival proves nothing)"
+    assert rival.returncode == 2, rival.stdout[-2000:] + rival.stderr[-2000:]
+    assert "being written by another run" in rival.stderr and f"pid {first.pid}" in rival.stderr, rival.stderr
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_out[-2000:] + first_err[-2000:]
     _check_converged(out)
+    assert "quality: 20" not in (out / "config.yaml").read_text()
+    assert not (out / LOCK_NAME).exists()
 
     # SIGKILL once the new run's first rows are durable (some outputs are quality 20 now) while its workers
     # write more staged files. (The moment between a part and its renames, and a kill before any row, are
     # tests/unit/test_commit_resume.py's: a subprocess cannot be stopped there on purpose.)
     before = _parts(out)
     _interrupt(cwd, env, lambda o: bool(_parts(o) - before), signal.SIGKILL)
+    assert (out / LOCK_NAME).exists()  # a killed run cannot release its lock: the next run takes it over
     second = _run(cwd, env)
     _check_converged(out)
+    assert "taking over the lock" in second.stderr and "is gone" in second.stderr, second.stderr
     assert "recomputed" in second.stdout and "config changed" in second.stdout, second.stdout
 
     # SIGINT while staged files are being written; the re-run hashes every file it keeps.
     _interrupt(cwd, env, lambda o: bool(_staged(o)), signal.SIGINT)
-    _run(cwd, env, "--verify", "full")
+    assert not (out / LOCK_NAME).exists()  # an interrupted run releases its lock on the way out
+    third = _run(cwd, env, "--verify", "full")
     _check_converged(out)
+    assert "taking over" not in third.stderr
 
     # A deleted output, a truncated one and a stray staged file: regenerated, regenerated, removed; the
     # other 40 verified and left alone.
