@@ -54,7 +54,7 @@ from raypdm.data.roots import resolved_root
 from raypdm.data.uri import fs_and_path
 
 __all__ = ["LOCK_NAME", "STALE_ENV", "OutputLock", "OutputLockedError", "Holder", "hold_output", "hold_outputs",
-           "live_writer", "outputs_of", "read_holder", "stale_after_seconds"]
+           "held_root_of", "live_writer", "outputs_of", "read_holder", "stale_after_seconds"]
 
 LOCK_NAME = ".raypdm.lock"
 TAKEOVER_NAME = ".raypdm.lock.takeover"
@@ -461,6 +461,29 @@ def hold_output(root: str, *, run_id: str | None = None, command: str | None = N
         with _HELD_LOCK:
             _HELD.pop(key, None)
         lock.release()
+
+
+def _lexical(uri: str) -> tuple[str, str]:
+    """(scheme, path) without resolving symlinks: a path written through a planted link still names the root."""
+    from fsspec.core import split_protocol
+
+    proto, path = split_protocol(str(uri))
+    if proto in (None, "file", "local"):
+        return "file", os.path.abspath(path)
+    return proto, posixpath.normpath(path).rstrip("/")
+
+
+def held_root_of(uri: str) -> str | None:
+    """The output root this process holds that `uri` is written under (by its spelled path or its resolved
+    one), or None. `raypdm.data.uri.write_bytes` checks such writes with `check_inside`."""
+    with _HELD_LOCK:
+        if not _HELD:
+            return None
+        spelled = _lexical(uri)
+        for lock in _HELD.values():
+            if _inside(spelled, _lexical(lock.root)) or _inside(spelled, resolved_root(lock.root)):
+                return lock.root
+    return None
 
 
 def outputs_of(obj) -> list[str]:

@@ -113,7 +113,17 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri, *parts)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, *, root: str | None = None) -> None:
+    """Write a whole file. Under an output root (`root`, or one this process holds a lock on) the file's
+    folder must resolve inside that root: a folder symlink planted in the output is not written through
+    (raises raypdm.data.roots.OutsideRootError)."""
+    from raypdm.data.lock import held_root_of
+
+    root = root or held_root_of(uri)
+    if root is not None:
+        from raypdm.data.roots import check_inside
+
+        check_inside(root, uri)
     fs, path = fs_and_path(uri)
     parent = posixpath.dirname(path)
     if parent:

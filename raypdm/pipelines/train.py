@@ -151,7 +151,8 @@ def run_train(cfg: TrainJobConfig, *, log=print, progress: bool = True) -> list[
 
 
 def _plan(cfg: TrainJobConfig, log, progress: bool = True) -> tuple[list[IdentityOutcome], list[dict]]:
-    """(outcomes of identities already done, Tune specs of the ones to train) for one config."""
+    """(outcomes settled before training: identities already done, or refused; Tune specs of the ones to
+    train) for one config."""
     from raypdm.config import save_resolved_config
     from raypdm.runtime import ray_resources
     from raypdm.train.distributed import IdentityTrainJob
@@ -179,9 +180,21 @@ def _plan(cfg: TrainJobConfig, log, progress: bool = True) -> tuple[list[Identit
     class_images = generate_class_images(prior_cfg, class_prior_cache(cfg.class_prior, cfg.output),
                                          progress=plain_counter("class images", indent="      ") if progress else None)
 
+    from raypdm.data.roots import OutsideRootError, check_inside
+
+    # Tune's bookkeeping is written from the trials' processes: its folder must not lead out of the root.
+    check_inside(cfg.output, join(_local_storage(cfg.output), "_"))
     done_outcomes: list[IdentityOutcome] = []
     jobs = []
     for ident in identities:
+        try:
+            # The workers write the identity's checkpoints and export: a folder symlink planted at
+            # <output>/<identity> would carry them outside the root. That identity fails; the others train.
+            check_inside(cfg.output, join(cfg.output, ident, "export"))
+        except OutsideRootError as exc:
+            done_outcomes.append(IdentityOutcome(identity=ident, status="failed", steps=0, final_loss=float("nan"),
+                                                 seconds=0.0, export=None, error=f"OutsideRootError: {exc}"))
+            continue
         job = IdentityTrainJob(identity=ident, data=cfg.data, output=join(cfg.output, ident), class_images=class_images,
                                preset=cfg.preset, weights_dir=cfg.weights_dir, train=cfg.train, prompts=prompts,
                                distributed=dist, logs=logs)
@@ -261,7 +274,8 @@ def run_train_many(cfgs: list[TrainJobConfig], *, max_concurrent: int | None = N
     if jobs:
         limit = max_concurrent or (cfgs[0].max_concurrent if len(cfgs) == 1 else None) or len(jobs)
         workers = int(jobs[0]["job"].get("distributed", {}).get("workers", 1))
-        log(f"training {len(jobs)} identities ({sum(len(o) for o in outcomes)} already done), "
+        log(f"training {len(jobs)} identities ({sum(o['status'] == 'skipped' for outs in outcomes for o in outs)} "
+            "already done), "
             f"{workers} worker(s) each, at most {limit} at once")
         board = start_board()
         tuner = tune.Tuner(

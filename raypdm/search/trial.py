@@ -68,7 +68,8 @@ def _write_rows(output: str, key: str, seq: int, rows: list[dict[str, Any]]) -> 
 
     buf = io.BytesIO()
     pd.DataFrame(rows, columns=list(ROW_COLUMNS)).to_parquet(buf, index=False)
-    write_bytes(join(output, "trials", key, f"part-{seq:05d}.parquet"), buf.getvalue())
+    # root=: a trial runs in a worker process, which holds no lock to infer the root from.
+    write_bytes(join(output, "trials", key, f"part-{seq:05d}.parquet"), buf.getvalue(), root=output)
 
 
 def _instance_images(data_uri: str, identity: str) -> list[np.ndarray]:

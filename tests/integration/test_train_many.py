@@ -1,6 +1,8 @@
 """`raypdm train`: identities train concurrently on Ray Tune + Ray Train; one failing does not stop the others;
 a re-run skips identities already trained."""
 
+import shutil
+
 import pytest
 
 from raypdm.config import ConfigError, resolve_config
@@ -29,10 +31,18 @@ def test_two_identities_train_concurrently_and_a_failure_is_isolated(ray_local, 
     broken = data / "id002" / "set_A"
     broken.mkdir(parents=True)
     (broken / "0000.png").write_bytes(b"not a png")
+    # A folder symlink planted where id003's model would go: refused before training, nothing written there.
+    shutil.copytree(data / "id000", data / "id003")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "id003").symlink_to(elsewhere, target_is_directory=True)
 
     outcomes = {o["identity"]: o for o in run_train(_config(data, out))}
     assert outcomes["id000"]["status"] == outcomes["id001"]["status"] == "trained"
     assert outcomes["id002"]["status"] == "failed" and outcomes["id002"]["error"]
+    assert outcomes["id003"]["status"] == "failed" and "outside the output root" in outcomes["id003"]["error"]
+    assert list(elsewhere.iterdir()) == []
     for ident in ("id000", "id001"):
         assert outcomes[ident]["steps"] == 3
         assert (out / ident / "export" / "unet" / "config.json").exists()

@@ -223,3 +223,21 @@ def test_a_run_that_wrote_nothing_leaves_no_folder_it_made(tmp_path):
     with OutputLock(str(tmp_path / "existing")):
         pass
     assert (tmp_path / "existing").is_dir()  # not ours to remove
+
+
+def test_whole_file_writes_under_a_held_root_do_not_follow_a_planted_folder_link(tmp_path):
+    from raypdm.data.roots import OutsideRootError
+    from raypdm.data.uri import write_bytes
+
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root.mkdir()
+    (root / "tables").symlink_to(elsewhere, target_is_directory=True)
+    with hold_output(str(root)):
+        write_bytes(str(root / "summary.md"), b"ok")  # inside: written
+        with pytest.raises(OutsideRootError, match="outside the output root"):
+            write_bytes(str(root / "tables" / "table1.md"), b"x")
+    # A worker process holds no lock: it names the root itself.
+    with pytest.raises(OutsideRootError):
+        write_bytes(str(root / "tables" / "t.parquet"), b"x", root=str(root))
+    assert list(elsewhere.iterdir()) == [] and (root / "summary.md").read_bytes() == b"ok"
