@@ -10,6 +10,9 @@ import pytest
 # Ray 2.60 turns on token auth and writes ~/.ray; tests keep everything in a temporary folder.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 _RAY_TMP = tempfile.mkdtemp(prefix="raypdm-ray-")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `-n 2` each worker runs its own embedded Ray: its own session folder, not the controller's.
+    os.environ["RAY_TMPDIR"] = _RAY_TMP
 os.environ.setdefault("RAY_TMPDIR", _RAY_TMP)
 # Never reach a model hub from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,11 +43,16 @@ def pytest_runtest_makereport(item, call):
     limit = strict if strict is not None else FAST_LIMIT_S
     if rep.duration <= limit:
         return
-    _over_limit.append((item.nodeid, rep.when, rep.duration))
     if strict is not None:
         rep.outcome = "failed"
         rep.longrepr = (f"{item.nodeid}: {rep.when} took {rep.duration:.1f} s, over --max-test-seconds {limit:g}; "
                         "make it cheaper or mark it `slow`")
+
+
+def pytest_runtest_logreport(report):
+    # Collected here, not in makereport: under `-n 2` reports reach the controller, which prints the summary.
+    if report.when in ("setup", "call") and "slow" not in report.keywords and report.duration > FAST_LIMIT_S:
+        _over_limit.append((report.nodeid, report.when, report.duration))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -40,3 +40,15 @@ def test_without_the_option_slow_tests_are_only_listed(pytester):
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
     assert "not marked slow" not in result.stdout.str()
+
+
+def test_under_two_workers_unmarked_slow_tests_are_still_listed(pytester):
+    # The CI command runs `-n 2`: the list is printed by the controller from the workers' reports.
+    pytester.makeconftest(CONFTEST.replace("FAST_LIMIT_S = 15.0", "FAST_LIMIT_S = 0.2"))
+    pytester.makeini("[pytest]\nmarkers =\n    slow: slow\n    gpu: gpu\n")
+    pytester.makepyfile(test_some=TESTS)
+    result = pytester.runpytest("-n", "2", "--dist", "loadfile")
+    result.assert_outcomes(passed=3)
+    out = result.stdout.str()
+    assert "tests not marked slow over 0.2 s" in out and "test_some.py::test_sleepy" in out
+    assert "test_sleepy_but_marked" not in out.split("tests not marked slow over")[1]
