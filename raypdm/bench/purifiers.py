@@ -65,6 +65,13 @@ class PurifierBenchConfig(JobConfig):
     modes: list[Literal["paper", "plain", "batched", "per-image", "ray"]] = Field(
         default_factory=lambda: ["paper", "plain", "batched", "ray"])
 
+    @field_validator("purifiers")
+    @classmethod
+    def _known_purifiers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _parts(name)  # ValueError naming the known purifiers: the config error names the field
+        return v
+
     @field_validator("images", mode="before")
     @classmethod
     def _one_size(cls, v):

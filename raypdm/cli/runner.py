@@ -99,7 +99,7 @@ def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunCon
                 # One writer per output root, from before the first byte (smoke inputs included) and before Ray:
                 # a second run into the same root exits here, naming the holder (raypdm/data/lock.py).
                 held.enter_context(hold_output(cfg.output, run_id=run_id))
-            except OutputLockedError as exc:
+            except (OutputLockedError, ValueError) as exc:  # ValueError: a bad RAYPDM_LOCK_STALE_S
                 raise JobAbort(str(exc)) from None
         return _run(spec, cfg, data, smoke=smoke, ctx=ctx)
 

@@ -241,3 +241,23 @@ def test_whole_file_writes_under_a_held_root_do_not_follow_a_planted_folder_link
     with pytest.raises(OutsideRootError):
         write_bytes(str(root / "tables" / "t.parquet"), b"x", root=str(root))
     assert list(elsewhere.iterdir()) == [] and (root / "summary.md").read_bytes() == b"ok"
+
+
+def test_a_bad_stale_limit_is_one_clear_error_before_anything_is_written(tmp_path, monkeypatch):
+    from raypdm.cli.runner import JobAbort, run_job
+    from raypdm.data.synthetic import make_synthetic
+
+    make_synthetic(str(tmp_path / "d"), identities=1, images=1, size=32, splits=("set_A",))
+    monkeypatch.setenv("RAYPDM_LOCK_STALE_S", "soon")
+    with pytest.raises(JobAbort, match="RAYPDM_LOCK_STALE_S='soon'"):
+        run_job("purify", {"input": str(tmp_path / "d"), "output": str(tmp_path / "o"), "purifier": "jpeg",
+                           "lpips_backbone": "random"})
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_purifier_bench_names_an_unknown_purifier_in_its_config():
+    from raypdm.bench.purifiers import PurifierBenchConfig
+
+    with pytest.raises(ValueError, match="(?s)purifiers.*unknown purifier 'nope'"):
+        PurifierBenchConfig(output="/tmp/b", purifiers=["jpeg", "nope"])
+    assert PurifierBenchConfig(output="/tmp/b", images=64).images == [64]
