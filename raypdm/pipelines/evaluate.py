@@ -345,8 +345,7 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
 
     from raypdm.config import save_resolved_config
     from raypdm.data.layout import list_images
-    from raypdm.data.manifest import Manifest
-    from raypdm.pipelines.stage import _placement, ImageStage
+    from raypdm.pipelines.engine import StageOutput, placement
     from raypdm.runtime import init_ray
 
     t0 = time.perf_counter()
@@ -359,8 +358,9 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
         refs = [r for r in refs if r.split in cfg.splits]
     summary = EvaluateSummary(output=cfg.output, total=len(refs), problems=problems)
     chash = config_hash(cfg.stage_config())
-    manifest = Manifest(cfg.output, kind="evaluate")
-    done = frozenset(manifest.done_keys())
+    # Scores are rows only: no output files, so nothing staged to recover or publish.
+    output = StageOutput(cfg.output, "evaluate", summary, files=False)
+    done = frozenset(output.manifest.done_keys())
     identities = sorted({r.identity for r in refs})
 
     prepared_key = _prepared_key(cfg, identities, chash)
@@ -374,11 +374,8 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
         return summary
 
     init_ray()  # only now: a finished re-run (above) starts no Ray
-    # Placement: the scorers hold models, so they get GPUs when the cluster has them.
-    placement_stage = ImageStage(name="evaluate", config={}, config_hash=chash, make_transform=lambda: None,
-                                 uses_model=True, uses_gpu=True, workers=cfg.workers,
-                                 gpus_per_worker=cfg.gpus_per_worker, batch_size=cfg.batch_size)
-    remote_args, gpus = _placement(placement_stage)
+    # The scorers hold models, so they get GPUs when the cluster has them (the engine's one placement rule).
+    where = placement(actors=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
     prepared: dict[str, Any] = {"reference": {}, "reference_counts": {}, "groups": {}, "group_rows": {}}
     pending = None  # the reference embedding, while it runs
     memo = ""
@@ -387,13 +384,13 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
         if memo in _PREPARED:  # e.g. the cells of a red-team matrix: one reference set, embedded once
             prepared = _PREPARED[memo]
         else:
-            prepare = ray.remote(_prepare).options(**remote_args, max_retries=2)
+            prepare = ray.remote(_prepare).options(**where.remote_args, max_retries=2)
             pending = prepare.remote(cfg, identities)
 
     todo_refs = refs
     try:
         if todo_refs:
-            _score_rows(cfg, todo_refs, done, chash, remote_args, gpus, manifest, summary, progress,
+            _score_rows(cfg, todo_refs, done, chash, where, output, summary, progress,
                         prepared["reference"] if pending is None else _Deferred(pending))
     except Exception:
         if pending is not None:
@@ -403,7 +400,7 @@ def run_evaluate(cfg: EvaluateConfig, *, progress=None) -> EvaluateSummary:
         prepared = ray.get(pending)
         _PREPARED.clear()  # keep one: the embeddings of a large reference set are not small
         _PREPARED[memo] = prepared
-    scores = manifest.read()
+    scores = output.manifest.read()
     _write_outputs(cfg, scores, prepared)
     save_resolved_config(cfg, cfg.output)
     from raypdm.data.uri import join, write_bytes
@@ -428,42 +425,29 @@ class _Deferred:
         return ray.get(self.refs[0])["reference"]
 
 
-def _score_rows(cfg: EvaluateConfig, todo_refs, done: frozenset[str], chash: str, remote_args: dict[str, Any],
-                gpus: float, manifest, summary: EvaluateSummary, progress, reference) -> None:
-    """The scoring pipeline: read -> score in the actor pool -> rows appended to the manifest."""
-    import ray.data
-
+def _score_rows(cfg: EvaluateConfig, todo_refs, done: frozenset[str], chash: str, where, output, summary,
+                progress, reference) -> None:
+    """The scoring pipeline on the stage engine: read (tasks) -> score (actor pool) -> rows committed."""
     from raypdm.data.read import load_batch, ref_items
-    from raypdm.pipelines.stage import _threads_per_actor
+    from raypdm.pipelines.engine import Pool, Tasks, stream
 
-    threads = None if gpus else _threads_per_actor(cfg.workers)
     batch = cfg.batch_size
-    ds = ray.data.from_items(ref_items(todo_refs), override_num_blocks=max(1, min(len(todo_refs) // batch, 200)))
-    ds = ds.map_batches(load_batch, batch_size=batch, num_cpus=0.25,
-                        fn_kwargs={"config_hash": chash, "done_keys": done})
-    size = cfg.workers
-    ds = ds.map_batches(
-        _ScoreWorker, fn_constructor_args=(cfg, reference, threads), batch_size=batch,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size), **remote_args,
-    )
-    seen = 0
+    steps = [Tasks(load_batch, {"config_hash": chash, "done_keys": done}, batch_size=batch),
+             Pool(_ScoreWorker, (cfg, reference, where.threads), size=cfg.workers, batch_size=batch, placement=where)]
+
+    def to_rows(table: pa.Table) -> pa.Table:
+        skipped = table.column("skipped").to_pylist()
+        summary.skipped += sum(skipped)
+        rows = table.filter(pa.array([not s for s in skipped])).drop_columns(["skipped"])
+        rows = rows.append_column("stage", pa.array(["evaluate"] * rows.num_rows, pa.string()))
+        rows = rows.append_column("config_hash", pa.array([chash] * rows.num_rows, pa.string()))
+        return _to_table(rows)
+
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            seen += table.num_rows
-            skipped = table.column("skipped").to_pylist()
-            summary.skipped += sum(skipped)
-            rows = table.filter(pa.array([not s for s in skipped])).drop_columns(["skipped"])
-            if rows.num_rows:
-                rows = rows.append_column("stage", pa.array(["evaluate"] * rows.num_rows, pa.string()))
-                rows = rows.append_column("config_hash", pa.array([chash] * rows.num_rows, pa.string()))
-                rows = _to_table(rows)
-                summary.errors += rows.num_rows - rows.column("error").null_count
-                summary.processed += rows.column("error").null_count
-                manifest.append(rows)
-            if progress:
-                progress(seen, len(todo_refs))
+        stream(ref_items(todo_refs), steps, to_rows=to_rows, output=output,
+               progress=(lambda seen: progress(seen, len(todo_refs))) if progress else None)
     finally:
-        manifest.compact()
+        output.close()
 
 
 PREPARED_MARKER = "_tables.json"

@@ -14,6 +14,7 @@ dataset for the purify and train stages.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -216,22 +217,53 @@ def _protect_identity(cfg: ProtectJobConfig, method: str, options: dict, identit
     return rows
 
 
+class _IdentityWorker:
+    """An actor of the per-identity pool: protects one identity per call (its images and clean references in
+    the work item), as `_protect_identity` does; torch threads set once per actor."""
+
+    def __init__(self, cfg: ProtectJobConfig, method: str, options: dict, chash: str, threads: int | None,
+                 on_start: Callable[[str], None] | None, run_id: str):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.args = (cfg, method, options)
+        self.chash, self.on_start, self.run_id = chash, on_start, run_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raypdm.pipelines.engine import row_columns
+
+        rows: list[dict[str, Any]] = []
+        for ident, members, clean in zip(batch["identity"], batch["members"], batch["clean"], strict=True):
+            refs = [ImageRef(**m) for m in json.loads(str(members))]
+            rows += _protect_identity(*self.args, str(ident), refs, json.loads(str(clean)), self.chash, None,
+                                      self.on_start, self.run_id)
+        return row_columns(rows, "protect")
+
+
+def _identity_item(ident: str, members: list[ImageRef], clean: list[str]) -> dict[str, str]:
+    refs = [{"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "error": r.error,
+             "size": r.size, "mtime": r.mtime} for r in members]
+    return {"identity": ident, "members": json.dumps(refs), "clean": json.dumps(clean)}
+
+
 def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: list[ImageRef], chash: str,
                       progress=None, on_identity_start: Callable[[str], None] | None = None) -> StageSummary:
+    """Per-identity protections on the stage engine: one work item per identity (all its images: the
+    surrogate sees them together), an actor pool of `max_concurrent` actors (default: as many as fit), one
+    identity at a time per actor."""
     import pyarrow as pa
     import ray
 
-    from raypdm.data.commit import discard_stale, publish, recover
     from raypdm.data.layout import list_images
-    from raypdm.data.manifest import Manifest
+    from raypdm.data.manifest import ERROR_RUNTIME
     from raypdm.data.resume import plan_resume
+    from raypdm.pipelines.engine import Lost, Pool, StageOutput, placement, stream
 
     t0 = time.perf_counter()
     summary = StageSummary(stage=method, output=cfg.output, total=len(refs))
-    manifest = Manifest(cfg.output, kind="protect")
-    latest = manifest.read().to_pylist()
-    recovery = recover(cfg.output, latest)
-    summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
+    output = StageOutput(cfg.output, "protect", summary)
+    latest = output.open()  # a killed run's staged images: renamed into place if their rows are durable
     plan = plan_resume(refs, latest, chash, cfg.output, cfg.verify)
     summary.verified, summary.recomputed = plan.verified, dict(plan.recomputed)
     redo = {ref.identity for ref in plan.todo}
@@ -243,53 +275,42 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
         else:
             summary.skipped += 1
     if not todo:  # every identity done and verified: no Ray work, no Ray started
-        manifest.compact()
+        output.close()
         summary.seconds = time.perf_counter() - t0
         return summary
     from raypdm.runtime import init_ray
 
     init_ray()
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1} if has_gpus else {"num_cpus": cfg.cpus_per_identity}
-    threads = None
-    if not has_gpus:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        threads = max(1, int(cpus // max(1, min(len(todo), int(cpus / cfg.cpus_per_identity) or 1))))
-    task = ray.remote(_protect_identity).options(**resources, max_retries=1)
-    limit = cfg.max_concurrent or len(todo) or 1
-    pending: dict[Any, str] = {}
-    queue = list(todo.items())
-    finished = 0
-    while queue or pending:
-        while queue and len(pending) < limit:
-            ident, members = queue.pop(0)
-            clean_refs, _ = list_images(cfg.input, identities=[ident], splits=("set_B",))
-            clean = [r.src_uri for r in clean_refs if r.error is None]
-            pending[task.remote(cfg, method, options, ident, members, clean, chash, threads, on_identity_start,
-                                manifest.run_id)] = ident
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        ident = pending.pop(ready[0])
-        try:
-            rows = ray.get(ready[0])
-        except Exception as exc:  # the task itself died (OOM, node lost) after its retry
-            from raypdm.data.manifest import ERROR_RUNTIME
+    cluster = ray.cluster_resources()
+    if cluster.get("GPU", 0) > 0:
+        fit = int(cluster["GPU"] // cfg.gpus_per_worker) if cfg.gpus_per_worker else len(todo)
+    else:
+        fit = int(cluster.get("CPU", 1) // cfg.cpus_per_identity)
+    size = max(1, min(len(todo), cfg.max_concurrent or max(1, fit)))
+    where = placement(actors=size, gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_identity)
+    items = []
+    for ident, members in todo.items():
+        clean_refs, _ = list_images(cfg.input, identities=[ident], splits=("set_B",))
+        items.append(_identity_item(ident, members, [r.src_uri for r in clean_refs if r.error is None]))
+    worker = Pool(_IdentityWorker, (cfg, method, options, chash, where.threads, on_identity_start, output.run_id),
+                  size=size, batch_size=1, placement=where, one_at_a_time=True)
 
-            rows = [{"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "stage": method,
-                     "config_hash": chash, "error": f"task failed: {type(exc).__name__}: {exc}",
-                     "error_kind": ERROR_RUNTIME} for r in todo[ident]]
-        if rows:
-            # The commit order of data/commit.py: rows durable first, then the staged files renamed.
-            table = manifest.stamp(pa.Table.from_pylist(rows))
-            manifest.append(table)
-            publish(table, manifest.run_id)
-            discard_stale(cfg.output, table)
-        errors = sum(1 for r in rows if r.get("error"))
-        summary.errors += errors
-        summary.processed += len(rows) - errors
-        finished += len(todo[ident])
-        if progress:
-            progress(finished, sum(len(m) for m in todo.values()))
-    manifest.compact()
+    def lost_rows(items_lost: list[dict]) -> pa.Table:
+        # The identity's actor died for good (after a retry): runtime error rows, retried by the next run.
+        return pa.Table.from_pylist([
+            {"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "stage": method,
+             "config_hash": chash, "error": "task failed: its worker died (out of memory? see the Ray logs)",
+             "error_kind": ERROR_RUNTIME} for item in items_lost for r in todo[item["identity"]]])
+
+    lost = Lost(item_id=lambda item: item["identity"], row_ids=lambda t: t.column("identity").to_pylist(),
+                rows_for=lost_rows)
+    total = sum(len(m) for m in todo.values())
+    try:
+        # An identity's rows are committed (and its images renamed into place) as soon as it finishes.
+        stream(items, [worker], to_rows=lambda table: table, output=output, flush_rows=1, blocks=len(items),
+               lost=lost, progress=(lambda seen: progress(seen, total)) if progress else None)
+    finally:
+        output.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -34,8 +34,9 @@ from pydantic import Field, model_validator
 
 from raypdm.config import Identities, JobConfig, Uri, config_hash
 from raypdm.data.layout import LayoutError, validate_component
-from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME, Manifest, conform, row_key
+from raypdm.data.manifest import ERROR_INPUT, ERROR_RUNTIME, row_key
 from raypdm.data.schemas import EXTRA_COLUMNS as _SCHEMAS
+from raypdm.pipelines.engine import row_columns
 from raypdm.pipelines.stage import StageSummary
 from raypdm.sample.decoupled import SamplingConfig, seeds_for
 from raypdm.train.prompts import CDLPrompts
@@ -48,7 +49,6 @@ __all__ = [
     "SampleJobConfig",
     "discover_exports",
     "export_fingerprint",
-    "pool_resources",
     "prompt_slug",
     "run_sample",
 ]
@@ -100,29 +100,6 @@ class SampleJobConfig(JobConfig):
                 raise ValueError(f"sampling.prompts: {p!r} is listed twice")
             seen[slug] = p
         return self
-
-
-# ------------------------------------------------------------------------------------ placement
-
-
-def pool_resources(workers: int, gpus_per_worker: float) -> tuple[dict[str, float], int | None]:
-    """Ray resources of one model actor, and torch threads for CPU actors (None on GPUs).
-
-    On a CPU-only cluster the actors' CPU shares must leave room for Ray Data's other tasks or the stream
-    stalls silently, so all actors together take at most the CPUs left after a reserve.
-    """
-    import ray
-
-    cluster = ray.cluster_resources()
-    gpus = gpus_per_worker if cluster.get("GPU", 0) > 0 else 0.0
-    if gpus:
-        return {"num_cpus": 1.0, "num_gpus": gpus}, None
-    total = cluster.get("CPU", 1)
-    reserve = min(1.0, total / 2)
-    cpus = min(1.0, max(0.01, (total - reserve) / max(1, workers)))
-    node_cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
-    threads = max(1, int(min(node_cpus) // max(1, workers)))
-    return {"num_cpus": cpus, "num_gpus": 0.0}, threads
 
 
 # ----------------------------------------------------------------------------------- the models
@@ -314,7 +291,7 @@ class _SampleWorker:
             identity = str(batch["identity"][k])
             unit = json.loads(str(batch["unit"][k]))
             rows += self._unit(identity, unit)
-        return {name: _objects([r.get(name) for r in rows]) for name in _ROW_FIELDS}
+        return row_columns(rows, "sample")
 
     def _unit(self, identity: str, unit: dict[str, Any]) -> list[dict[str, Any]]:
         from raypdm.data.commit import write_staged
@@ -370,18 +347,6 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _objects(values: list) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
-
-
-_ROW_FIELDS = (
-    "identity", "split", "name", "src_uri", "uri", "input_sha256", "output_sha256", "output_bytes", "stage",
-    "config_hash", "seconds", "error", "error_kind", *EXTRA_COLUMNS,
-)
-
-
 def image_file(index: int) -> str:
     return f"{index:04d}.png"
 
@@ -418,19 +383,6 @@ def _base_row(plan: dict[str, Any], identity: str, unit: dict[str, Any], seed: i
     }
 
 
-def _typed(table: pa.Table) -> pa.Table:
-    """Manifest base columns as declared, this stage's columns with their types (nulls stay typed)."""
-    cols = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if name in EXTRA_COLUMNS:
-            col = col.cast(EXTRA_COLUMNS[name])
-        elif pa.types.is_null(col.type):
-            col = col.cast(pa.float64() if name == "seconds" else pa.string())
-        cols[name] = col
-    return conform(pa.table(cols))
-
-
 # ---------------------------------------------------------------------------------------- driver
 
 
@@ -440,20 +392,17 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
     rows whose images verify are skipped (data/resume.py), images become visible only with their rows
     (data/commit.py), and a re-run with nothing left starts no Ray."""
     from raypdm.config import save_resolved_config
-    from raypdm.data.commit import discard_stale, publish, recover
     from raypdm.data.resume import verified_done_keys
-
     from raypdm.data.roots import check_apart, read_roots
+    from raypdm.pipelines.engine import Pool, StageOutput, placement, stream
 
     t0 = time.perf_counter()
     check_apart(cfg.output, read_roots(cfg))  # never write into the models (raises RootOverlapError)
     exports, problems = discover_exports(cfg.models, cfg.identities)
     plans = {ident: _plan(cfg, ident, export) for ident, export in exports.items()}
     summary = StageSummary(stage=STAGE, output=cfg.output, problems=problems)
-    manifest = Manifest(cfg.output, kind="sample")
-    latest = manifest.read().to_pylist()
-    recovery = recover(cfg.output, latest)
-    summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
+    output = StageOutput(cfg.output, "sample", summary)
+    latest = output.open()  # a killed run's staged images: renamed into place if their rows are durable
     done, checked = verified_done_keys(latest, cfg.output, cfg.verify)
     summary.recomputed = dict(checked.reasons)
     summary.verified = sum(ok and row.get("error") is None for row, ok in zip(latest, checked.ok))
@@ -489,50 +438,27 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
         ident: {"export": p.export, "fingerprint": p.fingerprint, "sampling": p.sampling.model_dump(mode="json")}
         for ident, p in plans.items() if p.error is None
     }
-    seen = 0
     todo_rows = summary.total - summary.skipped
-
-    def record(rows: pa.Table) -> None:
-        nonlocal seen
-        rows = _typed(rows)
-        if not rows.num_rows:
-            return
-        errors = rows.num_rows - rows.column("error").null_count
-        summary.errors += errors
-        summary.processed += rows.num_rows - errors
-        rows = manifest.stamp(rows)  # the commit order of data/commit.py: rows durable, then files renamed
-        manifest.append(rows)
-        publish(rows, manifest.run_id)
-        discard_stale(cfg.output, rows)
-        seen += rows.num_rows
-        if progress:
-            progress(seen, todo_rows)
-
     try:
+        # Rows of an identity that cannot be sampled at all (no export, unreadable): no Ray work for them.
         if broken_rows:
-            record(pa.Table.from_pylist(broken_rows))
+            output.commit(pa.Table.from_pylist(broken_rows))
+            if progress:
+                progress(len(broken_rows), todo_rows)
         if units:
-            import ray
-            import ray.data
-
             from raypdm.runtime import init_ray
 
             init_ray()
-            remote_args, threads = pool_resources(cfg.workers, cfg.gpus_per_worker)
             size = max(1, min(cfg.workers, len(units)))
-            ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 200)))
-            ds = ds.map_batches(
-                _SampleWorker,
-                fn_constructor_args=(plan_dicts, cfg.output, threads, cfg.max_cached_models, manifest.run_id),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
-                **remote_args,
-            )
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                # Each unit's rows are persisted as soon as they arrive: an interruption keeps them.
-                record(table)
+            where = placement(actors=size, gpus_per_worker=cfg.gpus_per_worker)
+            worker = Pool(_SampleWorker, (plan_dicts, cfg.output, where.threads, cfg.max_cached_models, output.run_id),
+                          size=size, batch_size=1, placement=where)
+            # One block per unit: a unit's images are committed (and counted) as soon as they come back.
+            stream(units, [worker], to_rows=lambda table: table, output=output, flush_rows=1,
+                   blocks=len(units),
+                   progress=(lambda seen: progress(len(broken_rows) + seen, todo_rows)) if progress else None)
     finally:
-        manifest.compact()
+        output.close()
     save_resolved_config(cfg, cfg.output)
     summary.seconds = time.perf_counter() - t0
     return summary

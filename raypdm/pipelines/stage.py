@@ -1,4 +1,5 @@
-"""A resumable image stage on Ray Data: list -> read/decode -> transform -> write PNG -> Parquet manifest.
+"""The image stage (protect per image, purify) on the stage engine (pipelines/engine.py): list -> read/decode
+-> transform -> write PNG -> Parquet manifest.
 
     driver: list files, recover what a killed run left staged, plan the resume (data/resume.py: what is
             done is verified against its row; nothing left = no Ray at all)
@@ -26,11 +27,12 @@ import pyarrow as pa
 
 from raypdm.data.decode import DEFAULT_MAX_PIXELS, encode_png, sha256_hex
 from raypdm.data.layout import SPLITS, ImageRef, list_images, output_name
-from raypdm.data.commit import discard_stale, publish, recover, write_staged
-from raypdm.data.manifest import ERROR_RUNTIME, Manifest, conform
+from raypdm.data.commit import write_staged
+from raypdm.data.manifest import ERROR_RUNTIME, conform
 from raypdm.data.read import EMPTY_IMAGE, load_batch, object_column, ref_items
 from raypdm.data.resume import Verify, plan_resume
 from raypdm.data.uri import join
+from raypdm.pipelines.engine import StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,7 @@ class _TransformWorker:
         return result
 
 
-def _transform_task(batch, make_transform, keep_input):
+def _transform_task(batch, *, make_transform, keep_input):
     # Cheap transforms run as tasks; building them per batch costs microseconds.
     return _TransformWorker(make_transform, keep_input)(batch)
 
@@ -240,36 +242,15 @@ def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, conf
     return result
 
 
-def _threads_per_actor(actors: int) -> int:
-    """CPU actors share the smallest node's cores (all of a stage's actors may land on one node);
-    more torch threads than cores makes every actor many times slower."""
-    import ray
+def stage_placement(stage: ImageStage):
+    """Where one transform actor of `stage` runs (engine.placement: one placement rule for every stage)."""
+    from raypdm.pipelines.engine import placement
 
-    node_cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
-    return max(1, int(min(node_cpus) // max(1, actors)))
-
-
-def _placement(stage: ImageStage) -> tuple[dict[str, Any], float]:
-    """Ray resources for one transform actor: (remote args, gpus)."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    has_gpus = cluster.get("GPU", 0) > 0
-    gpus = stage.gpus_per_worker if (stage.uses_gpu and has_gpus) else 0.0
-    cpus = stage.cpus_per_worker
-    if cpus is None and gpus:
-        cpus = 1.0
-    elif cpus is None:
-        # CPU-only cluster. If the actors' CPU shares add up to every CPU, Ray Data's read and write tasks
-        # never get scheduled and the stream stalls silently. The shares are scheduling tokens (the OS
-        # shares the real cores), so give all actors together at most what is left after a reserve.
-        pools = len(stage.make_transform) if isinstance(stage.make_transform, list) else 1
-        actors = max(1, stage.workers) * pools
-        scorers = _SCORER_CPUS * stage.scorer_workers if stage.make_scorer else 0.0
-        total = cluster.get("CPU", 1)
-        reserve = min(1.0, total / 2)  # for the read/decode and encode/write tasks
-        cpus = min(1.0, max(0.01, (total - reserve - scorers) / actors))
-    return {"num_cpus": cpus, "num_gpus": gpus}, gpus
+    pools = len(stage.make_transform) if isinstance(stage.make_transform, list) else 1
+    scorers = _SCORER_CPUS * stage.scorer_workers if stage.make_scorer else 0.0
+    return placement(actors=max(1, stage.workers) * pools, uses_gpu=stage.uses_gpu,
+                     gpus_per_worker=stage.gpus_per_worker, cpus_per_worker=stage.cpus_per_worker,
+                     reserved_cpus=scorers)
 
 
 _OPTIONAL_STRINGS = ("uri", "input_sha256", "output_sha256", "error", "error_kind")
@@ -350,102 +331,49 @@ def run_image_stage(
         refs, problems = list_images(input_uri, identities=identities, splits=splits,
                                      follow_symlinks=follow_symlinks)
     summary = StageSummary(stage=stage.name, output=output_uri, total=len(refs), problems=problems)
-    manifest = Manifest(output_uri, kind=stage.manifest_kind)
-    latest = manifest.read().to_pylist()
-    recovery = recover(output_uri, latest)
-    summary.rolled_forward, summary.cleaned = recovery.rolled_forward, recovery.removed
+    output = StageOutput(output_uri, stage.manifest_kind, summary)
+    latest = output.open()  # a killed run's staged files: renamed into place if their rows are durable
     plan = plan_resume(refs, latest, stage.config_hash, output_uri, verify)
     summary.skipped, summary.verified, summary.recomputed = plan.skipped, plan.verified, dict(plan.recomputed)
     if not plan.todo:
         # Nothing left: no Ray Data pipeline, no actors, no models loaded, no Ray started here.
         if progress and refs:
             progress(len(refs), len(refs))
-        manifest.compact()
+        output.close()
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    import ray
-    import ray.data
+    from raypdm.pipelines.engine import Pool, Tasks, stream
 
-    from raypdm.runtime import init_ray
-
-    init_ray()
-    todo = plan.todo
-    remote_args, gpus = _placement(stage)
-    pools = len(stage.make_transform) if isinstance(stage.make_transform, list) else 1
-    threads = None if gpus else _threads_per_actor(stage.workers * pools)
+    where = stage_placement(stage)
     batch = max(1, stage.batch_size)
-    ds = ray.data.from_items(ref_items(todo), override_num_blocks=max(1, min(len(todo) // batch, 200)))
-    ds = ds.map_batches(
-        load_batch,
-        batch_size=batch,
-        fn_kwargs={"config_hash": stage.config_hash, "done_keys": plan.done_keys, "max_pixels": stage.max_pixels},
-        num_cpus=0.25,
-    )
+    steps: list[Tasks | Pool] = [Tasks(load_batch, batch_size=batch, kwargs={
+        "config_hash": stage.config_hash, "done_keys": plan.done_keys, "max_pixels": stage.max_pixels})]
     parts = stage.make_transform if isinstance(stage.make_transform, list) else [stage.make_transform]
     for k, make in enumerate(parts):
         keep_input = k == 0 and stage.make_scorer is not None
         if stage.uses_model:
-            size = max(1, stage.workers)
-            ds = ds.map_batches(
-                _TransformWorker,
-                fn_constructor_args=(make, keep_input, threads),
-                batch_size=batch,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
-                **remote_args,
-            )
+            steps.append(Pool(_TransformWorker, (make, keep_input, where.threads), size=max(1, stage.workers),
+                              batch_size=batch, placement=where))
         else:
-            ds = ds.map_batches(_transform_task, fn_args=(make, keep_input), batch_size=batch,
-                                num_cpus=remote_args["num_cpus"])
+            steps.append(Tasks(_transform_task, {"make_transform": make, "keep_input": keep_input},
+                               batch_size=batch, num_cpus=where.num_cpus))
     if stage.make_scorer is not None:
-        size = max(1, stage.scorer_workers)
-        ds = ds.map_batches(
-            _ScoreWorker,
-            fn_constructor_args=(stage.make_scorer,),
-            batch_size=batch,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
-            num_cpus=_SCORER_CPUS,
-        )
-    ds = ds.map_batches(
-        _write_batch,
-        batch_size=batch,
-        fn_kwargs={"out_uri": output_uri, "stage": stage.name, "config_hash": stage.config_hash,
-                   "run_id": manifest.run_id},
-        num_cpus=0.25,
-    )
+        steps.append(Pool(_ScoreWorker, (stage.make_scorer,), size=max(1, stage.scorer_workers), batch_size=batch,
+                          num_cpus=_SCORER_CPUS))
+    steps.append(Tasks(_write_batch, batch_size=batch, kwargs={
+        "out_uri": output_uri, "stage": stage.name, "config_hash": stage.config_hash, "run_id": output.run_id}))
 
-    pending: list[pa.Table] = []
-    pending_rows, last_flush, seen = 0, time.monotonic(), 0
-
-    def flush() -> None:
-        # The commit order of data/commit.py: rows durable first, then the staged files renamed into place.
-        nonlocal pending, pending_rows, last_flush
-        if pending:
-            rows = manifest.stamp(pa.concat_tables(pending, promote_options="permissive"))
-            manifest.append(rows)
-            publish(rows, manifest.run_id)
-            discard_stale(output_uri, rows)
-        pending, pending_rows, last_flush = [], 0, time.monotonic()
+    def to_rows(table: pa.Table) -> pa.Table:
+        skipped = table.column("skipped").to_pylist()
+        summary.skipped += sum(skipped)
+        return _with_nulls(table.filter(pa.array([not s for s in skipped])).drop_columns(["skipped"]))
 
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            seen += table.num_rows
-            skipped = table.column("skipped").to_pylist()
-            summary.skipped += sum(skipped)
-            keep = pa.array([not s for s in skipped])
-            rows = _with_nulls(table.filter(keep).drop_columns(["skipped"]))
-            if rows.num_rows:
-                summary.errors += rows.num_rows - rows.column("error").null_count
-                summary.processed += rows.column("error").null_count
-                pending.append(rows)
-                pending_rows += rows.num_rows
-            if pending_rows >= flush_rows or time.monotonic() - last_flush > flush_seconds:
-                flush()
-            if progress:
-                progress(plan.skipped + seen, len(refs))
+        stream(ref_items(plan.todo), steps, to_rows=to_rows, output=output, flush_rows=flush_rows,
+               flush_seconds=flush_seconds,
+               progress=(lambda seen: progress(plan.skipped + seen, len(refs))) if progress else None)
     finally:
-        # Whatever finished is kept even when the run is interrupted.
-        flush()
-    manifest.compact()
+        output.close()
     summary.seconds = time.perf_counter() - t0
     return summary

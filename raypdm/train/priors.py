@@ -16,7 +16,8 @@ same folder:
   actor in the "raypdm" namespace: one generates, the others wait and then find the folder complete. The
   lease is renewed while its holder works, so a holder that dies frees it after `lease_s` (120 s).
 
-Generation: a Ray Data actor pool (`ActorPoolStrategy`), the base model loaded once per actor on its
+Generation: the stage engine's actor pool (pipelines/engine.py; images staged, then renamed once their rows
+are durable, so a killed run never leaves a half-written image), the base model loaded once per actor on its
 device, one pipeline call per batch, and per image a CPU `torch.Generator().manual_seed(seed_i)` with
 seed_i = `prior_seed(seed, i)`: image i is the same whichever batch or machine draws it (batched float
 kernels may move a pixel by one grey level between batches of different sizes; the same batch is
@@ -308,7 +309,7 @@ def load_base_pipeline(preset: str, weights: str | None, device: str):
 class _PriorWorker:
     """One actor: loads the base model once, then draws batches of class images and writes them."""
 
-    def __init__(self, cfg: dict[str, Any], folder: str, threads: int | None):
+    def __init__(self, cfg: dict[str, Any], folder: str, threads: int | None, run_id: str = ""):
         import torch
 
         from raypdm.runtime import default_device
@@ -316,7 +317,9 @@ class _PriorWorker:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = ClassPriorConfig.model_validate(cfg)
+        self.key = class_prior_key(self.cfg)
         self.folder = folder
+        self.run_id = run_id
         self.device = default_device()
         self.pipe = load_base_pipeline(self.cfg.preset, self.cfg.weights, self.device)
         self.pipe.scheduler = build_scheduler(self.pipe.scheduler, self.cfg.scheduler)
@@ -338,74 +341,53 @@ class _PriorWorker:
         return [np.clip(np.rint(np.asarray(x) * 255.0), 0, 255).astype(np.uint8) for x in out]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raypdm.data.commit import write_staged
         from raypdm.data.decode import encode_png, sha256_hex
-        from raypdm.data.uri import join, write_bytes
+        from raypdm.data.uri import join
+        from raypdm.pipelines.engine import row_columns
 
         indices = [int(i) for i in batch["index"]]
         seeds = [int(s) for s in batch["seed"]]
-        n = len(indices)
-        uris: list[str | None] = [None] * n
-        shas: list[str | None] = [None] * n
-        errors: list[str | None] = [None] * n
+        rows: list[dict[str, Any]] = [{"index": i, "seed": s} for i, s in zip(indices, seeds, strict=True)]
         t0 = time.perf_counter()
         try:
             images = self._generate(seeds)
         except Exception as exc:
             images = None
-            errors = [f"generation failed: {type(exc).__name__}: {exc}"] * n
-        seconds = (time.perf_counter() - t0) / max(1, n)
-        if images is not None:
-            for k, (index, image) in enumerate(zip(indices, images, strict=True)):
-                target = join(self.folder, image_name(index))
-                try:
-                    data = encode_png(image)
-                    write_bytes(target, data)
-                    uris[k], shas[k] = target, sha256_hex(data)
-                except Exception as exc:
-                    errors[k] = f"cannot write output: {type(exc).__name__}: {exc}"
-        obj = _objects
-        return {
-            "index": np.asarray(indices, dtype=np.int64),
-            "seed": np.asarray(seeds, dtype=np.int64),
-            "uri": obj(uris),
-            "output_sha256": obj(shas),
-            "error": obj(errors),
-            "seconds": np.full(n, seconds, dtype=np.float64),
-        }
-
-
-def _objects(values: list) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
+            for row in rows:
+                row["error"] = f"generation failed: {type(exc).__name__}: {exc}"
+        seconds = (time.perf_counter() - t0) / max(1, len(rows))
+        for row, image in zip(rows, images or [None] * len(rows), strict=True):
+            row["seconds"] = seconds
+            if image is None:
+                continue
+            target = join(self.folder, image_name(row["index"]))
+            try:
+                # Under its staged name: the driver renames it once its row is durable (data/commit.py).
+                data = encode_png(image)
+                write_staged(target, data, self.run_id, root=self.folder)
+                row.update(uri=target, output_sha256=sha256_hex(data), output_bytes=len(data))
+            except Exception as exc:
+                row["error"] = f"cannot write output: {type(exc).__name__}: {exc}"
+        return row_columns(_rows(self.cfg, self.key, rows), "class_priors")
 
 
 # ------------------------------------------------------------------------------------- manifest
 
 
-def _rows(cfg: ClassPriorConfig, key: str, table_rows: list[dict[str, Any]]) -> pa.Table:
-    """Manifest rows (identity = '<model>-<preset>', split = key, name = file name) for generated images."""
+def _rows(cfg: ClassPriorConfig, key: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Manifest rows (identity = '<model>-<preset>', split = key, name = file name) of generated images."""
     from raypdm.data.manifest import ERROR_RUNTIME
 
     ident = f"{cfg.model}-{cfg.preset}"
-    out = {
-        "identity": [ident] * len(table_rows),
-        "split": [key] * len(table_rows),
-        "name": [image_name(r["index"]) for r in table_rows],
-        "uri": [r.get("uri") for r in table_rows],
-        "input_sha256": [hashlib.sha256(f"{cfg.prompt}|{r['seed']}".encode()).hexdigest() for r in table_rows],
-        "output_sha256": [r.get("output_sha256") for r in table_rows],
-        "stage": ["class-prior"] * len(table_rows),
-        "config_hash": [key] * len(table_rows),
-        "seconds": [float(r.get("seconds") or 0.0) for r in table_rows],
-        "error": [r.get("error") for r in table_rows],
-        "error_kind": [ERROR_RUNTIME if r.get("error") else None for r in table_rows],
-        "index": [int(r["index"]) for r in table_rows],
-        "seed": [int(r["seed"]) for r in table_rows],
-        "prompt": [cfg.prompt] * len(table_rows),
-    }
-    types = {"index": pa.int64(), "seed": pa.int64(), "seconds": pa.float64()}
-    return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in out.items()})
+    return [{
+        "identity": ident, "split": key, "name": image_name(r["index"]), "uri": r.get("uri"),
+        "input_sha256": hashlib.sha256(f"{cfg.prompt}|{r['seed']}".encode()).hexdigest(),
+        "output_sha256": r.get("output_sha256"), "output_bytes": r.get("output_bytes"), "stage": "class-prior",
+        "config_hash": key, "seconds": float(r.get("seconds") or 0.0), "error": r.get("error"),
+        "error_kind": ERROR_RUNTIME if r.get("error") else None,
+        "index": int(r["index"]), "seed": int(r["seed"]), "prompt": cfg.prompt,
+    } for r in rows]
 
 
 def _reconcile(cfg: ClassPriorConfig, key: str, folder: str, manifest) -> None:
@@ -423,10 +405,11 @@ def _reconcile(cfg: ClassPriorConfig, key: str, folder: str, manifest) -> None:
         name = image_name(i)
         if name in names and name not in have:
             uri = join(folder, name)
+            data = read_bytes(uri)
             extra.append({"index": i, "seed": prior_seed(cfg.seed, i), "uri": uri,
-                          "output_sha256": sha256_hex(read_bytes(uri)), "seconds": 0.0})
+                          "output_sha256": sha256_hex(data), "output_bytes": len(data), "seconds": 0.0})
     if extra:
-        manifest.append(_rows(cfg, key, extra))
+        manifest.append(pa.Table.from_pylist(_rows(cfg, key, extra)))
 
 
 def _complete(cfg: ClassPriorConfig, folder: str) -> bool:
@@ -459,8 +442,9 @@ def generate_class_images(
     """
     import json
 
-    from raypdm.data.manifest import Manifest
     from raypdm.data.uri import join, write_bytes
+    from raypdm.pipelines.engine import StageOutput
+    from raypdm.pipelines.stage import StageSummary
     from raypdm.runtime import init_ray
 
     folder = class_prior_uri(cfg, cache_root)
@@ -472,12 +456,15 @@ def generate_class_images(
     with _key_lock(key):
         if _complete(cfg, folder):  # another caller finished it while we waited
             return folder
-        manifest = Manifest(folder, kind="class_priors")
+        output = StageOutput(folder, "class_priors", StageSummary(stage="class-prior", output=folder), discard=False)
+        output.open()  # a killed run's staged images: renamed into place if their rows are durable
         missing = missing_class_images(cfg, cache_root)
-        if missing:
-            failures = _generate_missing(cfg, folder, key, missing, manifest, progress)
-        _reconcile(cfg, key, folder, manifest)
-        manifest.compact()
+        try:
+            if missing:
+                failures = _generate_missing(cfg, folder, missing, output, progress)
+            _reconcile(cfg, key, folder, output.manifest)
+        finally:
+            output.close()
         names = _listing(folder)
         if INFO_FILE not in names:
             info = {"key": key, **cfg.key_fields(), "files": [image_name(i) for i in range(cfg.count)]}
@@ -491,35 +478,27 @@ def generate_class_images(
 def _generate_missing(
     cfg: ClassPriorConfig,
     folder: str,
-    key: str,
     missing: list[int],
-    manifest,
+    output,
     progress: Callable[[int, int], None] | None,
 ) -> list[str]:
-    import ray
-    import ray.data
+    """Draw the `missing` images on the stage engine's actor pool; the failed ones as 'name: error'."""
+    from raypdm.pipelines.engine import Pool, placement, stream
 
-    from raypdm.pipelines.sample import pool_resources
-
-    remote_args, threads = pool_resources(cfg.workers, cfg.gpus_per_worker)
     items = [{"index": i, "seed": prior_seed(cfg.seed, i)} for i in missing]
     batch = max(1, cfg.batch_size)
     size = max(1, min(cfg.workers, -(-len(items) // batch)))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // batch), 200)))
-    ds = ds.map_batches(
-        _PriorWorker,
-        fn_constructor_args=(cfg.model_dump(mode="json"), folder, threads),
-        batch_size=batch,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
-        **remote_args,
-    )
+    where = placement(actors=size, gpus_per_worker=cfg.gpus_per_worker)
+    worker = Pool(_PriorWorker, (cfg.model_dump(mode="json"), folder, where.threads, output.run_id), size=size,
+                  batch_size=batch, placement=where)
     failures: list[str] = []
-    done = 0
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows = table.to_pylist()
-        manifest.append(_rows(cfg, key, rows))  # every batch persisted at once: an interruption keeps it
-        failures += [f"{image_name(r['index'])}: {r['error']}" for r in rows if r["error"]]
-        done += len(rows)
-        if progress:
-            progress(done, len(items))
+
+    def to_rows(table: pa.Table) -> pa.Table:
+        failures.extend(f"{name}: {error}" for name, error in
+                        zip(table.column("name").to_pylist(), table.column("error").to_pylist()) if error)
+        return table
+
+    # Every batch is committed as it arrives (flush_rows=1): an interruption keeps it.
+    stream(items, [worker], to_rows=to_rows, output=output, flush_rows=1,
+           progress=(lambda seen: progress(seen, len(items))) if progress else None)
     return failures
