@@ -58,6 +58,9 @@ def placement(*, actors: int, uses_gpu: bool = True, gpus_per_worker: float = 1.
     would make every actor many times slower."""
     import ray
 
+    from raypdm.runtime import init_ray
+
+    init_ray()  # the cluster decides (a no-op once Ray is up; callers reach here only with work to do)
     cluster = ray.cluster_resources()
     actors = max(1, actors)
     gpus = gpus_per_worker if (uses_gpu and cluster.get("GPU", 0) > 0) else 0.0

@@ -16,6 +16,7 @@ def cluster(monkeypatch):
     import ray
 
     def make(cpus: float, gpus: float = 0.0, nodes: int = 1):
+        monkeypatch.setattr("raypdm.runtime.init_ray", lambda *a, **k: None)  # a described cluster, no Ray
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus * nodes, "GPU": gpus * nodes})
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}] * nodes)
 
