@@ -17,7 +17,9 @@ order, error and processed counts and progress are here, so every stage gets the
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["Lost", "Placement", "Pool", "Tasks", "StageOutput", "placement", "row_columns", "stream"]
+log = logging.getLogger(__name__)
+
+__all__ = ["LOST_ERROR", "Lost", "Placement", "location", "row_locations", "Pool", "Tasks", "StageOutput", "placement", "row_columns", "stream"]
 
 # Ray Data's read/decode and encode/write tasks need CPU tokens too: on a CPU-only cluster the model actors
 # together take at most what is left after this reserve (half the CPUs, at most one).
@@ -126,18 +130,31 @@ class Pool:
     one_at_a_time: bool = False
 
 
+LOST_ERROR = "its worker died and was retried (out of memory? a crash in native code?): see the Ray logs"
+
+
+def location(identity, split, name) -> str:
+    """The id of one output location: what `Lost` matches work items and result rows by."""
+    return f"{identity}/{split}/{name}"
+
+
+def row_locations(table: pa.Table) -> list[str]:
+    cols = [table.column(c).to_pylist() for c in ("identity", "split", "name")]
+    return [location(*k) for k in zip(*cols)]
+
+
 @dataclass
 class Lost:
-    """What a stream does with items whose worker died for good (killed by the OS for memory, node lost):
-    Ray restarts the actor and retries the item `retries` times, then the stream carries on without it and,
-    once it ends, the stage's rows for the lost items (`rows_for(items)`: runtime error rows, retried by the
-    next run) are committed. Without it, such an item fails the whole run.
+    """What a stream does with items whose worker died for good (killed by the OS for memory, a crash in
+    native code, a node lost): Ray restarts the actor and retries the item `retries` times, then the stream
+    carries on without it and, once it ends, the stage's rows for the lost items (`rows_for(items)`:
+    runtime error rows, retried by the next run) are committed. Ray Data alone would retry such an item
+    forever (a run that never ends) or, with retries limited, fail the whole run.
 
-    item_id(item) and row_ids(result batch) name the same thing (e.g. the identity), so the engine can tell
-    which items never came back."""
+    item_ids(item): the output locations (`location(identity, split, name)`) an item's rows will have; an
+    item is lost when any of them never comes back."""
 
-    item_id: Callable[[dict], str]
-    row_ids: Callable[[pa.Table], list[str]]
+    item_ids: Callable[[dict], list[str]]
     rows_for: Callable[[list[dict]], pa.Table]
     retries: int = 1
 
@@ -226,6 +243,7 @@ def stream(
     if lost is not None:
         ctx.max_errored_blocks = -1  # a block whose task failed for good is dropped; its items are found below
     ds = ray.data.from_items(items, override_num_blocks=min(n_blocks, len(items)))
+    tag = uuid.uuid4().hex[:8]
     for step in steps:
         if isinstance(step, Tasks):
             ds = ds.map_batches(step.fn, batch_size=step.batch_size, fn_kwargs=step.kwargs, num_cpus=step.num_cpus)
@@ -242,8 +260,8 @@ def stream(
             # deprecated for Ray 2.64 with no named replacement yet (we pin 2.60).
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=Warning)
             retries = {"max_task_retries": lost.retries} if lost else {}
-            ds = ds.map_batches(step.worker, fn_constructor_args=step.args, batch_size=step.batch_size,
-                                compute=pool, **resources, **retries)
+            ds = ds.map_batches(_tagged(step.worker, tag), fn_constructor_args=step.args,
+                                batch_size=step.batch_size, compute=pool, **resources, **retries)
 
     pending: list[pa.Table] = []
     pending_rows, last_flush, seen = 0, time.monotonic(), 0
@@ -259,7 +277,7 @@ def stream(
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             seen += table.num_rows
             if lost is not None:
-                came_back.update(lost.row_ids(table))
+                came_back.update(row_locations(table))
             rows = to_rows(table)
             if rows is not None and rows.num_rows:
                 pending.append(rows)
@@ -269,10 +287,39 @@ def stream(
             if progress:
                 progress(seen)
         if lost is not None:
-            missing = [item for item in items if lost.item_id(item) not in came_back]
+            missing = [item for item in items if not came_back.issuperset(lost.item_ids(item))]
             if missing:
                 pending.append(lost.rows_for(missing))
     finally:
         # Whatever finished is kept even when the run is interrupted.
         flush()
         ctx.max_errored_blocks = errored_before
+        _reap(tag)
+
+
+def _tagged(worker: type, tag: str) -> type:
+    """`worker` under a name unique to one stream (its actors show as MapWorker(MapBatches(<name>))), so
+    `_reap` finds exactly this stream's actors."""
+    return type(f"{worker.__name__}_{tag}", (worker,), {"__qualname__": f"{worker.__qualname__}_{tag}"})
+
+
+def _reap(tag: str) -> None:
+    """Kill actors of a finished stream that Ray Data left behind.
+
+    Ray Data 2.60 sometimes loses track of a pool actor that died and was restarted while a task failed on it
+    (ActorUnavailableError): the restarted actor then lives on after the dataset has finished, holding its
+    CPUs or GPUs, and the next stage's pool can starve on a small cluster (a hang, seen on 2 CPUs). Uses Ray's
+    debugging actor table (ray._private.state) and the core worker's kill, the call ray.kill makes."""
+    try:
+        import ray
+        from ray._private import state
+        from ray._raylet import ActorID
+
+        worker = ray._private.worker.global_worker
+        for status in ("ALIVE", "RESTARTING", "PENDING_CREATION"):
+            for actor_id, info in state.actors(actor_state_name=status).items():
+                if info.get("ActorClassName", "").endswith(f"_{tag}))"):
+                    log.info("stopping %s left behind by Ray Data", info["ActorClassName"])
+                    worker.core_worker.kill_actor(ActorID.from_hex(actor_id), True)
+    except Exception as exc:  # best effort: never fail a finished stage over the clean-up
+        log.debug("could not check for leftover actors: %s", exc)

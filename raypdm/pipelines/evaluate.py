@@ -429,7 +429,8 @@ def _score_rows(cfg: EvaluateConfig, todo_refs, done: frozenset[str], chash: str
                 progress, reference) -> None:
     """The scoring pipeline on the stage engine: read (tasks) -> score (actor pool) -> rows committed."""
     from raypdm.data.read import load_batch, ref_items
-    from raypdm.pipelines.engine import Pool, Tasks, stream
+    from raypdm.pipelines.engine import Lost, Pool, Tasks, location, stream
+    from raypdm.pipelines.stage import lost_rows
 
     batch = cfg.batch_size
     steps = [Tasks(load_batch, {"config_hash": chash, "done_keys": done}, batch_size=batch),
@@ -443,8 +444,10 @@ def _score_rows(cfg: EvaluateConfig, todo_refs, done: frozenset[str], chash: str
         rows = rows.append_column("config_hash", pa.array([chash] * rows.num_rows, pa.string()))
         return _to_table(rows)
 
+    lost = Lost(item_ids=lambda item: [location(item["identity"], item["split"], item["name"])],
+                rows_for=lambda items: lost_rows(items, "evaluate", chash))
     try:
-        stream(ref_items(todo_refs), steps, to_rows=to_rows, output=output,
+        stream(ref_items(todo_refs), steps, to_rows=to_rows, output=output, lost=lost,
                progress=(lambda seen: progress(seen, len(todo_refs))) if progress else None)
     finally:
         output.close()

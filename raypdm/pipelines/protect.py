@@ -258,7 +258,7 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
     from raypdm.data.layout import list_images
     from raypdm.data.manifest import ERROR_RUNTIME
     from raypdm.data.resume import plan_resume
-    from raypdm.pipelines.engine import Lost, Pool, StageOutput, placement, stream
+    from raypdm.pipelines.engine import LOST_ERROR, Lost, Pool, StageOutput, location, placement, stream
 
     t0 = time.perf_counter()
     summary = StageSummary(stage=method, output=cfg.output, total=len(refs))
@@ -299,10 +299,10 @@ def _run_per_identity(cfg: ProtectJobConfig, method: str, options: dict, refs: l
         # The identity's actor died for good (after a retry): runtime error rows, retried by the next run.
         return pa.Table.from_pylist([
             {"identity": r.identity, "split": r.split, "name": r.name, "src_uri": r.src_uri, "stage": method,
-             "config_hash": chash, "error": "task failed: its worker died (out of memory? see the Ray logs)",
-             "error_kind": ERROR_RUNTIME} for item in items_lost for r in todo[item["identity"]]])
+             "config_hash": chash, "error": f"protection failed: {LOST_ERROR}", "error_kind": ERROR_RUNTIME}
+            for item in items_lost for r in todo[item["identity"]]])
 
-    lost = Lost(item_id=lambda item: item["identity"], row_ids=lambda t: t.column("identity").to_pylist(),
+    lost = Lost(item_ids=lambda item: [location(r.identity, r.split, r.name) for r in todo[item["identity"]]],
                 rows_for=lost_rows)
     total = sum(len(m) for m in todo.values())
     try:

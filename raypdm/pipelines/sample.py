@@ -347,6 +347,14 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _unit_locations(item: dict[str, Any]) -> list[str]:
+    """The output locations a work unit's rows will have (the engine's `Lost` matches them)."""
+    from raypdm.pipelines.engine import location
+
+    unit = json.loads(item["unit"])
+    return [location(item["identity"], unit["slug"], image_file(i)) for i in unit["image_indices"]]
+
+
 def image_file(index: int) -> str:
     return f"{index:04d}.png"
 
@@ -394,7 +402,7 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
     from raypdm.config import save_resolved_config
     from raypdm.data.resume import verified_done_keys
     from raypdm.data.roots import check_apart, read_roots
-    from raypdm.pipelines.engine import Pool, StageOutput, placement, stream
+    from raypdm.pipelines.engine import LOST_ERROR, Lost, Pool, StageOutput, placement, stream
 
     t0 = time.perf_counter()
     check_apart(cfg.output, read_roots(cfg))  # never write into the models (raises RootOverlapError)
@@ -439,6 +447,17 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
         for ident, p in plans.items() if p.error is None
     }
     todo_rows = summary.total - summary.skipped
+
+    def lost_rows(lost_units: list[dict]) -> pa.Table:
+        # A unit whose actor died for good (after a retry): runtime error rows, sampled again by the next run.
+        rows = []
+        for item in lost_units:
+            unit = json.loads(item["unit"])
+            for seed, index in zip(unit["seeds"], unit["image_indices"], strict=True):
+                row = _base_row(plan_dicts[item["identity"]], item["identity"], unit, seed, index)
+                rows.append({**row, "error": f"sampling failed: {LOST_ERROR}", "error_kind": ERROR_RUNTIME})
+        return pa.Table.from_pylist(rows)
+
     try:
         # Rows of an identity that cannot be sampled at all (no export, unreadable): no Ray work for them.
         if broken_rows:
@@ -455,7 +474,7 @@ def run_sample(cfg: SampleJobConfig, progress: Callable[[int, int], None] | None
                           size=size, batch_size=1, placement=where)
             # One block per unit: a unit's images are committed (and counted) as soon as they come back.
             stream(units, [worker], to_rows=lambda table: table, output=output, flush_rows=1,
-                   blocks=len(units),
+                   blocks=len(units), lost=Lost(item_ids=_unit_locations, rows_for=lost_rows),
                    progress=(lambda seen: progress(len(broken_rows) + seen, todo_rows)) if progress else None)
     finally:
         output.close()

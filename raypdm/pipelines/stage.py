@@ -242,6 +242,17 @@ def _write_batch(batch: dict[str, np.ndarray], *, out_uri: str, stage: str, conf
     return result
 
 
+def lost_rows(items: list[dict], stage: str, config_hash: str) -> pa.Table:
+    """Runtime error rows for listed inputs whose worker died for good (the engine's `Lost`): retried by the
+    next run, like any runtime error."""
+    from raypdm.pipelines.engine import LOST_ERROR
+
+    return pa.Table.from_pylist([
+        {"identity": it["identity"], "split": it["split"], "name": it["name"], "src_uri": it["src_uri"],
+         "stage": stage, "config_hash": config_hash, "error": f"transform failed: {LOST_ERROR}",
+         "error_kind": ERROR_RUNTIME} for it in items])
+
+
 def stage_placement(stage: ImageStage):
     """Where one transform actor of `stage` runs (engine.placement: one placement rule for every stage)."""
     from raypdm.pipelines.engine import placement
@@ -343,7 +354,7 @@ def run_image_stage(
         summary.seconds = time.perf_counter() - t0
         return summary
 
-    from raypdm.pipelines.engine import Pool, Tasks, stream
+    from raypdm.pipelines.engine import Lost, Pool, Tasks, location, stream
 
     where = stage_placement(stage)
     batch = max(1, stage.batch_size)
@@ -369,9 +380,11 @@ def run_image_stage(
         summary.skipped += sum(skipped)
         return _with_nulls(table.filter(pa.array([not s for s in skipped])).drop_columns(["skipped"]))
 
+    lost = Lost(item_ids=lambda item: [location(item["identity"], item["split"], item["name"])],
+                rows_for=lambda items: lost_rows(items, stage.name, stage.config_hash))
     try:
         stream(ref_items(plan.todo), steps, to_rows=to_rows, output=output, flush_rows=flush_rows,
-               flush_seconds=flush_seconds,
+               flush_seconds=flush_seconds, lost=lost,
                progress=(lambda seen: progress(plan.skipped + seen, len(refs))) if progress else None)
     finally:
         output.close()

@@ -483,7 +483,7 @@ def _generate_missing(
     progress: Callable[[int, int], None] | None,
 ) -> list[str]:
     """Draw the `missing` images on the stage engine's actor pool; the failed ones as 'name: error'."""
-    from raypdm.pipelines.engine import Pool, placement, stream
+    from raypdm.pipelines.engine import LOST_ERROR, Lost, Pool, location, placement, stream
 
     items = [{"index": i, "seed": prior_seed(cfg.seed, i)} for i in missing]
     batch = max(1, cfg.batch_size)
@@ -498,7 +498,15 @@ def _generate_missing(
                         zip(table.column("name").to_pylist(), table.column("error").to_pylist()) if error)
         return table
 
+    ident, key = f"{cfg.model}-{cfg.preset}", class_prior_key(cfg)
+
+    def lost_rows(lost_items: list[dict]) -> pa.Table:
+        rows = _rows(cfg, key, [{**it, "error": f"generation failed: {LOST_ERROR}"} for it in lost_items])
+        failures.extend(f"{r['name']}: {r['error']}" for r in rows)
+        return pa.Table.from_pylist(rows)
+
+    lost = Lost(item_ids=lambda it: [location(ident, key, image_name(it["index"]))], rows_for=lost_rows)
     # Every batch is committed as it arrives (flush_rows=1): an interruption keeps it.
-    stream(items, [worker], to_rows=to_rows, output=output, flush_rows=1,
+    stream(items, [worker], to_rows=to_rows, output=output, flush_rows=1, lost=lost,
            progress=(lambda seen: progress(seen, len(items))) if progress else None)
     return failures

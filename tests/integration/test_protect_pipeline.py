@@ -123,7 +123,7 @@ def test_an_identity_whose_worker_dies_becomes_error_rows_and_the_others_finish(
     rows = Manifest(str(tmp_path / "dies")).read().to_pandas()
     assert summary.processed == 2 and summary.errors == 2
     dead = rows[rows["identity"] == "id001"]
-    assert len(dead) == 2 and dead["error"].str.contains("worker died").all()
+    assert len(dead) == 2 and dead["error"].str.contains("worker died and was retried").all()
     assert (dead["error_kind"] == "runtime").all() and dead["uri"].isna().all()
     assert rows[rows["identity"] == "id000"]["error"].isna().all()
     assert not (tmp_path / "dies" / "id001").exists()  # nothing half-written for the dead identity

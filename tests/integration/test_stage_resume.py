@@ -138,3 +138,38 @@ def test_runtime_errors_are_isolated_and_retried(ray_local, tmp_path):
     second = run_image_stage(stage, str(data), str(out))
     assert second.processed == first.errors and second.errors == 0
     assert all(r["error"] is None for r in Manifest(str(out)).read().to_pylist())
+
+
+def _crashing_transform(flag_path):
+    def make():
+        def transform(images):
+            # The process dies on dark images (a segfault in native code, the OS's OOM killer) while the
+            # flag file exists: no Python exception to catch, the actor is gone.
+            if os.path.exists(flag_path) and any(im.mean() < 30 for im in images):
+                os._exit(1)
+            return images
+
+        return transform
+
+    return make
+
+
+@pytest.mark.slow
+def test_an_image_whose_actor_dies_every_time_becomes_an_error_row_not_a_hang(ray_local, tmp_path):
+    data, out, flag = tmp_path / "data", tmp_path / "out", tmp_path / "flag"
+    make_synthetic(str(data), identities=1, images=3, size=24)
+    from raypdm.data.decode import encode_png
+
+    (data / "id000" / "set_A" / "0000.png").write_bytes(encode_png(np.full((24, 24, 3), 10, np.uint8)))
+    flag.write_text("on")
+    stage = ImageStage(name="crashy", config={}, config_hash="c1", make_transform=_crashing_transform(str(flag)),
+                       uses_model=True, batch_size=1)
+    first = run_image_stage(stage, str(data), str(out))
+    rows = {(r["split"], r["name"]): r for r in Manifest(str(out)).read().to_pylist()}
+    assert len(rows) == 9 and first.errors == 1 and first.processed == 8
+    dead = rows[("set_A", "0000.png")]
+    assert dead["error_kind"] == "runtime" and "worker died and was retried" in dead["error"]
+    assert not (out / "id000" / "set_A" / "0000.png").exists()
+    flag.unlink()
+    second = run_image_stage(stage, str(data), str(out))
+    assert second.processed == 1 and second.skipped == 8 and second.errors == 0
