@@ -89,6 +89,14 @@ def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunCon
         preflight(spec, cfg)
     except FileNotFoundError as exc:  # MissingWeightsError and friends: names every file and the fetch command
         raise JobAbort(str(exc)) from None
+    from raypdm.data.stores import StoreError, check_stores
+
+    try:
+        # Object stores before Ray starts: the inputs can be listed, the output bucket exists and takes a write
+        # (a --smoke run makes its inputs itself, so only its output is checked).
+        check_stores({} if smoke else read_roots(cfg), getattr(cfg, "output", None))
+    except StoreError as exc:
+        raise JobAbort(str(exc)) from None
     from raypdm.data.lock import OutputLockedError, hold_output
     from raypdm.data.manifest import run_scope
 

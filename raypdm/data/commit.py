@@ -31,7 +31,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from raypdm.data.roots import OutsideRootError, check_inside
-from raypdm.data.uri import fs_and_path
+from raypdm.data.uri import fs_and_path, to_uri
 
 STAGED_MARK = ".tmp-"
 
@@ -90,6 +90,10 @@ def publish(rows: pa.Table, run_id: str) -> int:
         return 0
     fs, _ = fs_and_path(finals[0])
     local = isinstance(fs, LocalFileSystem)
+    if not local:
+        # Object-store back-ends cache listings (s3fs, gcsfs): one taken before these files were staged (the
+        # recovery's, a previous stage's in this process) would make them look absent and the move a no-op.
+        fs.invalidate_cache()
 
     def move(final: str) -> int:
         _, src = fs_and_path(staged_uri(final, run_id))
@@ -101,7 +105,9 @@ def publish(rows: pa.Table, run_id: str) -> int:
                 fs.mv(src, dst)
             return 1
         except FileNotFoundError:
-            return 0
+            if fs.exists(dst):  # renamed by an earlier call (a roll-forward, a retried flush)
+                return 0
+            raise  # neither staged nor final: a row without its file must never be left behind
 
     return sum(_parallel(move, finals, 1 if local else 16))
 
@@ -145,6 +151,7 @@ def recover(out_uri: str, latest: Iterable[dict]) -> Recovery:
     older run, a temporary file of a plain atomic write) is removed.
     """
     fs, root = fs_and_path(out_uri)
+    fs.invalidate_cache()  # a cached listing (object stores) from before the kill would miss staged files
     staged = _staged_files(fs, root.rstrip("/"))
     result = Recovery()
     if not staged:
@@ -156,7 +163,7 @@ def recover(out_uri: str, latest: Iterable[dict]) -> Recovery:
     for path, size in sorted(staged.items()):
         final, _, run_id = path.rpartition(STAGED_MARK)
         try:
-            check_inside(out_uri, path)
+            check_inside(out_uri, to_uri(fs, path))  # a URI: a store's bare key would be read as a local path
         except OutsideRootError:  # reached through a symlinked folder: not ours to move or remove
             continue
         row = by_path.get(final)

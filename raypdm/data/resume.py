@@ -76,6 +76,7 @@ def _output_sizes(out_uri: str) -> dict[str, int]:
     """path -> size of every file under the output root (one recursive listing)."""
     fs, root = fs_and_path(out_uri)
     root = root.rstrip("/")
+    fs.invalidate_cache()  # object stores cache listings: this one must be of the folder as it is now
     if not fs.exists(root):
         return {}
     return {p: int(info.get("size") or 0) for p, info in fs.find(root, detail=True).items()
