@@ -49,6 +49,9 @@ def _common_options(fn):
         click.option("--print-config", is_flag=True, help="print the resolved config (YAML) and exit"),
         click.option("--no-verify", is_flag=True,
                      help="load weight files without checking their pinned sha256 (you vouch for them; logged)"),
+        click.option("--storage-options", "storage_options", default=None, metavar="FILE",
+                     help="YAML of object-store options per protocol (s3: {endpoint_url, key, secret, ...}); "
+                          "default: the back-ends' own environment and roles"),
         click.option("--smoke", is_flag=True,
                      help="tiny models, few images and steps (a synthetic dataset when no input is given)"),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -79,6 +82,15 @@ def build_job_command(spec: JobSpec) -> click.Command:
             os.environ[NO_VERIFY_ENV] = "1"
             click.echo(f"--no-verify: weight files are loaded without checking their sha256 ({NO_VERIFY_ENV}=1)",
                        err=True)
+        if params.get("storage_options"):
+            from raypdm.data.stores import StoreError, apply_storage_options, load_storage_options
+
+            try:
+                # Before the config is read: a --config on S3 is opened with these options too.
+                apply_storage_options(load_storage_options(params["storage_options"]))
+            except StoreError as exc:
+                raise JobAbort(str(exc)) from None
+        params.pop("storage_options", None)
         if "field_output" in params and params.get("flag_out") is not None and params["field_output"] is None:
             params["field_output"] = params["flag_out"]
         flags = flag_values(config_cls, spec.flags, params)

@@ -262,3 +262,24 @@ def test_the_red_team_chain_runs_from_s3_to_s3_and_resumes(s3, tmp_path):
     done = [line.split("│")[3].strip() for line in table]
     assert table and set(done) == {"0"}, second.stdout[-3000:]  # every stage resumed, nothing redone
     _no_credentials(s3, f"{OUT}/redteam", first.stdout, first.stderr, second.stdout, second.stderr)
+
+
+@pytest.mark.slow  # one purify run with Ray: ~15 s
+def test_a_storage_options_file_reaches_the_driver_and_the_workers_and_no_output(s3, tmp_path):
+    """No AWS_* variables at all: endpoint and keys only in --storage-options (what fsspec's s3fs takes)."""
+    cwd, env = _workdir(tmp_path, s3)
+    for k in list(env):
+        if k.startswith("AWS_"):
+            env.pop(k)
+    env["AWS_EC2_METADATA_DISABLED"] = "true"  # no instance-role lookup on a machine without one
+    (cwd / "creds.yaml").write_text(f"s3:\n  endpoint_url: {s3}\n  key: {KEY}\n  secret: {SECRET}\n")
+    res = subprocess.run(_purify("with-options", "--storage-options", "creds.yaml"), cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    kill_processes_naming(env["RAY_TMPDIR"])
+    _check_agrees(s3, f"{OUT}/with-options", 42)
+    _no_credentials(s3, f"{OUT}/with-options", res.stdout, res.stderr)
+    (cwd / "bad.yaml").write_text("s3: [not, a, mapping]\n")
+    bad = subprocess.run(_purify("never", "--storage-options", "bad.yaml"), cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--storage-options bad.yaml: s3 must be a mapping" in bad.stderr, bad.stderr
