@@ -95,8 +95,9 @@ def check_inside(root: str, target: str) -> str:
             raise OutsideRootError(f"refusing to write {target}: its folder resolves to {parent}, outside the "
                                    f"output root {root_path} (a symlink inside the output root?)")
         return os.path.join(parent, os.path.basename(path))
-    clean = posixpath.normpath(path)
-    if not _within(clean, root_path):
+    # Store keys: a leading "/" carries no meaning (fsspec's memory:// writes one, s3:// none).
+    clean = posixpath.normpath(path).lstrip("/")
+    if not _within(clean, root_path.lstrip("/")):
         raise OutsideRootError(f"refusing to write {target}: outside the output root {root}")
     return str(target)
 

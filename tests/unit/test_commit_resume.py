@@ -179,3 +179,45 @@ def test_an_input_that_now_fails_leaves_no_stale_output_and_nothing_outside_is_r
     assert not (out / "id000" / "set_A" / "0000.png").exists()  # its row is an error now: the file goes
     assert (out / "id000" / "set_A" / "0001.png").exists()
     assert outside.read_bytes() == b"keep me"
+
+
+def test_publish_on_a_store_bulk_moves_falls_back_and_never_leaves_a_row_without_its_file():
+    """memory:// stands in for an object store (no rename: copy + delete)."""
+    import fsspec
+
+    from raypdm.data.commit import publish, staged_uri
+
+    fs = fsspec.filesystem("memory")
+    root = "memory://pubtest"
+    finals = [f"{root}/id0/set_A/{n}.png" for n in "abc"]
+    for f in finals:
+        fs.pipe_file(staged_uri(f, "r1"), b"png-" + f[-5:].encode())
+    rows = pa.Table.from_pylist([{"uri": f, "error": None, "run_id": "r1"} for f in finals])
+    assert publish(rows, "r1") == 3
+    assert [fs.cat_file(f) for f in finals] == [b"png-" + f[-5:].encode() for f in finals]
+    assert not [p for p in fs.find("/pubtest") if ".tmp-" in p]
+    # one already moved by an earlier call: the bulk copy fails, file by file finishes the others
+    more = [f"{root}/id0/set_A/{n}.png" for n in "de"]
+    fs.pipe_file(staged_uri(more[1], "r2"), b"e")
+    fs.pipe_file(more[0], b"d")  # its staged copy is gone, its final is there
+    assert publish(pa.Table.from_pylist([{"uri": f, "error": None, "run_id": "r2"} for f in more]), "r2") == 1
+    assert fs.cat_file(more[1]) == b"e"
+    # neither staged nor final: raise rather than keep a row that describes no file
+    with pytest.raises(FileNotFoundError):
+        publish(pa.Table.from_pylist([{"uri": f"{root}/id0/set_A/ghost.png", "error": None, "run_id": "r3"}]), "r3")
+
+
+def test_recover_on_a_store_rolls_forward_and_removes_staged_objects():
+    """Before the fix, a store's bare keys were checked as local paths, refused, and left behind."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = "memory://recovertest"
+    kept, orphan = f"{root}/id0/set_A/a.png", f"{root}/id0/set_A/b.png"
+    fs.pipe_file(staged_uri(kept, "r1"), b"abc")
+    fs.pipe_file(staged_uri(orphan, "r1"), b"xyz")
+    latest = [{"uri": kept, "error": None, "run_id": "r1", "output_bytes": 3}]
+    result = recover(root, latest)
+    assert (result.rolled_forward, result.removed) == (1, 1)
+    assert fs.cat_file(kept) == b"abc" and not fs.exists(orphan)
+    assert not [p for p in fs.find("/recovertest") if ".tmp-" in p]
