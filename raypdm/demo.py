@@ -20,6 +20,7 @@ LPIPS uses a random AlexNet trunk here for the same reason.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,7 +92,10 @@ def demo_redteam_config(cfg: DemoConfig, data: str, identities: list[str]):
 
     smoke = smoke_overrides()
     overrides: dict[str, Any] = {
-        "protections": [{"name": "advdm", "options": {"steps": cfg.protect_steps, "resample": False}}],
+        # Few steps, each large enough that together they reach the paper's 11/255 (K·α ≥ r): a demo whose
+        # protection fell short of its radius would show a weaker protection than the one it names.
+        "protections": [{"name": "advdm", "options": {"steps": cfg.protect_steps, "resample": False,
+                                                       "step": f"{math.ceil(11 / cfg.protect_steps)}/255"}}],
         "purifiers": ["none", "codesr"],
         "purifier_options": {"sr": {"steps": cfg.sr_steps}},
         "train": {"steps": cfg.train_steps, "resolution": 64, "gradient_checkpointing": False},

@@ -89,29 +89,41 @@ def run_protect(cfg, ctx: RunContext) -> JobResult:
         summaries = protect(cfg, progress=progress)
     if ctx.print_tables:
         stage_summary_table(summaries, title="protect")
-        _print_protection_budget(cfg.output)
+        _print_protection_budget(cfg)
     errors = sum(s.errors for s in summaries)
     return JobResult(summaries, message=_errors_note(errors, cfg.output), summaries=list(summaries))
 
 
-def _print_protection_budget(output: str) -> None:
-    """The measured ℓ∞ of the saved PNGs per identity: what the protection really achieved."""
+def _print_protection_budget(cfg) -> None:
+    """The measured ℓ∞ of the saved PNGs per method and identity beside the radius: what the protection
+    really achieved. An identity whose largest change stays under 0.9·r gets a warning line."""
     from raypdm.data.manifest import Manifest
+    from raypdm.pipelines.protect import protection_options
 
-    df = Manifest(output).read().to_pandas()
+    method = cfg.method.strip().lower().replace("-", "_")
+    radius = float(protection_options(method, cfg.options)["radius"])
+    df = Manifest(cfg.output).read().to_pandas()
     if "linf" not in df or not len(df):
         return
-    df = df[df["error"].isna() & df["linf"].notna()]
+    df = df[df["error"].isna() & df["linf"].notna() & (df["stage"] == method)]
     if not len(df):
         return
     cols = [c for c in ("loss_before", "loss_after") if c in df]
-    rows = []
+    rows, short = [], []
     for ident, g in df.groupby("identity"):
-        rows.append((ident, len(g), f"{g['linf'].max() * 255:.1f}/255", f"{g['linf'].mean() * 255:.1f}/255",
-                     f"{g['l2'].mean():.3f}" if "l2" in g else "-",
-                     *[f"{g[c].mean():.4f}" for c in cols]))
+        reached = g["linf"].max() / radius
+        if reached < 0.9:
+            short.append(ident)
+        rows.append((method, ident, len(g), f"{radius * 255:.3g}/255", f"{g['linf'].max() * 255:.1f}/255",
+                     f"{reached:.0%}", f"{g['linf'].mean() * 255:.1f}/255",
+                     f"{g['l2'].mean():.3f}" if "l2" in g else "-", *[f"{g[c].mean():.4f}" for c in cols]))
     print_table("protection (measured on the saved PNGs)",
-                ["identity", "images", "max ℓ∞", "mean ℓ∞", "mean ℓ2", *[c.replace("_", " ") for c in cols]], rows)
+                ["method", "identity", "images", "radius", "max ℓ∞", "of radius", "mean ℓ∞", "mean ℓ2",
+                 *[c.replace("_", " ") for c in cols]], rows)
+    if short:
+        console.print(f"[yellow]warning:[/] {method} stayed under 0.9 × the radius for {', '.join(short)}: "
+                      "its steps × step may not reach it (see the warning above), or the objective's gradient "
+                      "vanished there")
 
 
 def _outcome_rows(outcomes) -> list[tuple]:

@@ -30,7 +30,7 @@ from raypdm.data.manifest import in_run_scope
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProtectJobConfig", "run_protect", "protection_options"]
+__all__ = ["ProtectJobConfig", "budget_shortfall", "run_protect", "protection_options"]
 
 
 class ProtectJobConfig(JobConfig):
@@ -79,6 +79,22 @@ def protection_options(method: str, options: dict[str, Any], *prefix: str | int)
     if name not in list_protections():
         raise ValueError(f"unknown protection {method!r}; known: {', '.join(list_protections())}")
     return validate_section(protection_options_model(name), options, *prefix).model_dump(mode="json")
+
+
+def budget_shortfall(method: str, options: dict[str, Any]) -> str | None:
+    """A one-line warning when a per-image method's settings cannot reach its radius (K·α < r): its saved
+    perturbations will be weaker than the radius says, and results would be compared at the wrong budget.
+    None when they can, and for the bi-level methods (their ``steps`` are per outer round)."""
+    from raypdm.protect.base import budget_steps, reaches_budget
+
+    if _is_per_identity(method):
+        return None
+    radius, step, steps = float(options["radius"]), float(options["step"]), int(options["steps"])
+    if reaches_budget(radius, step, steps):
+        return None
+    return (f"{method}: steps × step = {steps} × {step * 255:.3g}/255 = {steps * step * 255:.3g}/255 cannot reach "
+            f"the radius {radius * 255:.3g}/255; the saved perturbations will stay below it (leave `steps` out "
+            f"for {budget_steps(radius, step)}, or raise `step`)")
 
 
 def _is_per_identity(method: str) -> bool:
@@ -332,6 +348,8 @@ def run_protect(cfg: ProtectJobConfig, *, progress=None,
     check_apart(cfg.output, read_roots(cfg))  # never write into the input (raises RootOverlapError)
     method = cfg.method.strip().lower().replace("-", "_")
     options = protection_options(method, cfg.options)
+    if shortfall := budget_shortfall(method, options):
+        log.warning(shortfall)
     stage_config = {"stage": "protect", "method": method, "options": options, "preset": cfg.preset,
                     "weights_dir": cfg.weights_dir, "lpips": cfg.lpips_backbone}
     chash = config_hash(stage_config)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from raypdm.protect.base import ProtectContext, ProtectOptions, register_protection
+from raypdm.protect.base import ImageProtectOptions, ProtectContext, register_protection
 from raypdm.protect.diffusion import encode_pixels, load_model, mc_denoising_loss, prompt_embeddings
 from raypdm.protect.pgd import Objective, PGDImageProtection, generators_for
 
@@ -31,7 +31,7 @@ __all__ = ["AdvDM", "AdvDMOptions"]
 _TRAIN_TIMESTEPS = 1000  # SD 2.1-base's schedule; checked against the loaded scheduler
 
 
-class AdvDMOptions(ProtectOptions, frozen=True):
+class AdvDMOptions(ImageProtectOptions, frozen=True):
     prompt: str = Field("a photo of sks person", description="text condition c of the denoising loss")
     timesteps_per_step: int = Field(1, ge=1, le=64, description="(t, ε) draws per image per PGD step")
     eval_timesteps: int = Field(8, ge=1, le=256, description="fixed (t, ε) draws per image for loss_before/after")

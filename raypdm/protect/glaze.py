@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from raypdm.protect.base import ProtectContext, ProtectOptions, register_protection
+from raypdm.protect.base import ImageProtectOptions, ProtectContext, register_protection
 from raypdm.protect.diffusion import (
     decode_pixels,
     encode_pixels,
@@ -40,7 +40,7 @@ from raypdm.protect.pgd import PGDImageProtection, generators_for
 __all__ = ["Glaze", "GlazeOptions"]
 
 
-class GlazeOptions(ProtectOptions, frozen=True):
+class GlazeOptions(ImageProtectOptions, frozen=True):
     style_prompt: str = Field(
         "an oil painting of a person in the style of Vincent van Gogh", description="the target style T of Ω(x, T)"
     )

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from raypdm.protect.base import ProtectContext, ProtectOptions, register_protection
+from raypdm.protect.base import ImageProtectOptions, ProtectContext, register_protection
 from raypdm.protect.diffusion import encode_pixels, load_model
 from raypdm.protect.pgd import PGDImageProtection
 
@@ -36,7 +36,7 @@ __all__ = ["PhotoGuardEncoder", "PhotoGuardEncoderOptions", "TargetOptions", "ta
 TargetKind = Literal["grey", "checkerboard", "zero_latent"]
 
 
-class TargetOptions(ProtectOptions, frozen=True):
+class TargetOptions(ImageProtectOptions, frozen=True):
     """The target pattern shared by both PhotoGuard attacks."""
 
     target: TargetKind = Field("grey", description="grey | checkerboard | zero_latent (see the module docstring)")
