@@ -1,20 +1,24 @@
-"""Statistics over scored images: identity means, mean ± std per setting, Wilcoxon signed-rank tests.
+"""Statistics over scored images: means ± spread per setting and Wilcoxon signed-rank tests, the paper's way.
 
 The paper (Liu, Chen, Chen, Sun, "Rethinking and Red-Teaming Protective Perturbation in Personalized
-Diffusion Models") reports every setting (method × protection, purifier, ablation) as mean ± std and
-compares settings with the Wilcoxon signed-rank test. Its public code does not say at which level the
-statistics are taken; we take the *identity* as the unit, which is what makes a paired test valid:
+Diffusion Models") reports each setting as a mean over "instances × generated images" (App. A.1) and stars
+Table 1's entries where a Wilcoxon signed-rank test gives p ≤ 0.01, "significant improvement" over the
+baselines. So, by default (``unit="observation"``):
 
-1. `identity_means`: the mean of each metric over an identity's images, per setting (every generated
-   image of one personalized model is one draw of that model; averaging them first keeps identities with
-   more images from weighing more).
-2. `setting_summary`: mean and sample std (ddof = 1) of those identity means per setting, with counts.
-3. `wilcoxon_vs_baseline`: each setting against a baseline setting, paired by identity
-   (`scipy.stats.wilcoxon`, default two-sided, zeros dropped as Wilcoxon did). Cases the test cannot
+1. `unit_means`: one value per (setting..., unit): an *observation* is one scored image, keyed by
+   `OBSERVATION_KEYS` = identity, prompt (the sample's `split`: its prompt folder) and image (`name`, which
+   fixes the sampling seed), so the same observation under two settings is the same identity, prompt and
+   seed; duplicates of a key are averaged. ``unit="identity"`` averages each identity's images first (every
+   identity weighs the same; the test then has as many pairs as identities: with 4 identities its smallest
+   one-sided p is 1/16, so no star can appear at 0.01).
+2. `setting_summary`: mean and sample std (ddof = 1) over those units per setting, with counts.
+3. `wilcoxon_vs_baseline`: each setting against a baseline setting, paired on the unit's keys
+   (`scipy.stats.wilcoxon`, zeros dropped as Wilcoxon did). ``alternative="improvement"`` is one-sided in
+   each metric's better direction ("greater", or "less" for `LOWER_IS_BETTER`). Cases the test cannot
    answer (fewer than 2 pairs, every difference zero, no baseline rows) give a NaN p-value and a `note`
    that says why, never an exception: one thin setting must not stop a whole report.
 
-Inputs are pandas DataFrames with one row per scored image, an `identity` column, the setting columns
+Inputs are pandas DataFrames with one row per scored image, the unit's key columns, the setting columns
 (e.g. `method`, `protection`) and the metric columns. Rows with a non-null `error` (the manifests' error
 rows) are left out. NaN metric values are skipped when averaging, as pandas does.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,13 +36,37 @@ from scipy import stats as sps
 
 __all__ = [
     "IDENTITY",
+    "LOWER_IS_BETTER",
+    "OBSERVATION_KEYS",
+    "Unit",
+    "better_direction",
     "format_mean_std",
     "identity_means",
     "setting_summary",
+    "unit_keys",
+    "unit_means",
     "wilcoxon_vs_baseline",
 ]
 
 IDENTITY = "identity"
+# An observation: one generated image of one identity's model, for one prompt and one sampling seed (the
+# sample stage's <identity>/<prompt folder>/<image index>.png, whose index fixes the seed).
+OBSERVATION_KEYS: tuple[str, ...] = (IDENTITY, "split", "name")
+LOWER_IS_BETTER = frozenset({"lpips", "fdfr", "mismatch", "seconds", "p_noise"})
+Unit = Literal["observation", "identity"]
+
+
+def better_direction(metric: str) -> Literal["greater", "less"]:
+    """The one-sided alternative that means "improves" for a metric."""
+    return "less" if metric in LOWER_IS_BETTER else "greater"
+
+
+def unit_keys(unit: Unit, pair_on: Sequence[str] = OBSERVATION_KEYS) -> list[str]:
+    if unit == "identity":
+        return [IDENTITY]
+    if unit == "observation":
+        return list(pair_on)
+    raise ValueError(f"unit must be 'observation' or 'identity', got {unit!r}")
 
 
 def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -53,28 +81,34 @@ def _scored_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def identity_means(df: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """Mean of each metric per (setting..., identity); one row each, plus `n_images` (rows averaged).
+def unit_means(df: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
+    """Mean of each metric per (setting..., key...); one row each, plus `n_images` (rows averaged).
 
     Setting values that are NaN/None form their own group (`dropna=False`) rather than vanishing.
     """
-    settings, metrics = list(settings), list(metrics)
-    _check_columns(df, [*settings, IDENTITY], "identity_means settings")
-    _check_columns(df, metrics, "identity_means metrics")
+    settings, metrics, keys = list(settings), list(metrics), list(keys)
+    _check_columns(df, [*settings, *keys], "settings and unit keys")
+    _check_columns(df, metrics, "metrics")
     rows = _scored_rows(df)
-    keys = [*settings, IDENTITY]
+    group_by = [*settings, *keys]
     values = rows[metrics].apply(pd.to_numeric, errors="raise").astype(float)
-    grouped = pd.concat([rows[keys], values], axis=1).groupby(keys, sort=False, dropna=False)
+    grouped = pd.concat([rows[group_by], values], axis=1).groupby(group_by, sort=False, dropna=False)
     out = grouped[metrics].mean()
     out["n_images"] = grouped.size()
     return out.reset_index()
 
 
-def setting_summary(df: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """Per setting, over identity means: `{m}_mean`, `{m}_std` (ddof = 1; NaN with one identity),
-    `{m}_n` (identities with a value for m) and `n_identities`."""
+def identity_means(df: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean of each metric per (setting..., identity): `unit_means` with the identity as the unit."""
+    return unit_means(df, settings, metrics, [IDENTITY])
+
+
+def setting_summary(df: pd.DataFrame, settings: Sequence[str], metrics: Sequence[str], *,
+                    unit: Unit = "observation", pair_on: Sequence[str] = OBSERVATION_KEYS) -> pd.DataFrame:
+    """Per setting, over units (see the module docstring): `{m}_mean`, `{m}_std` (ddof = 1; NaN with one
+    unit), `{m}_n` (units with a value for m), `n_identities` and `n_units`."""
     settings, metrics = list(settings), list(metrics)
-    means = identity_means(df, settings, metrics)
+    means = unit_means(df, settings, metrics, unit_keys(unit, pair_on))
     if settings:
         groups = list(means.groupby(settings, sort=False, dropna=False))
     else:
@@ -89,8 +123,9 @@ def setting_summary(df: pd.DataFrame, settings: Sequence[str], metrics: Sequence
             rec[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
             rec[f"{m}_n"] = len(vals)
         rec["n_identities"] = int(group[IDENTITY].nunique(dropna=False))
+        rec["n_units"] = len(group)
         records.append(rec)
-    columns = [*settings, *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")), "n_identities"]
+    columns = [*settings, *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")), "n_identities", "n_units"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -99,26 +134,27 @@ def _min_exact_p(n: int, alternative: str) -> float:
     return min(1.0, (2.0 if alternative == "two-sided" else 1.0) / 2.0**n)
 
 
-def _wilcoxon_pair(x: np.ndarray, y: np.ndarray, zero_method: str, alternative: str) -> tuple[float, float, str]:
+def _wilcoxon_pair(x: np.ndarray, y: np.ndarray, zero_method: str, alternative: str,
+                   alpha: float) -> tuple[float, float, str]:
     n = len(x)
     if n == 0:
-        return math.nan, math.nan, "no identity has both this setting and the baseline"
+        return math.nan, math.nan, "no unit has both this setting and the baseline"
     if n < 2:
-        return math.nan, math.nan, "fewer than 2 paired identities"
+        return math.nan, math.nan, "fewer than 2 pairs"
     diff = x - y
     if np.all(diff == 0):
         # scipy answers p = 1 with a divide warning here; "no evidence either way" is not a p-value.
         return math.nan, math.nan, "every paired difference is zero"
     with warnings.catch_warnings():
         # Ties and zeros switch scipy to the normal approximation and it says so; the note below covers
-        # what matters to a reader (whether p < 0.05 was reachable at all).
+        # what matters to a reader (whether p ≤ alpha was reachable at all).
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=RuntimeWarning)
         res = sps.wilcoxon(x, y, zero_method=zero_method, alternative=alternative)
     nonzero = int(np.count_nonzero(diff)) if zero_method == "wilcox" else n
     note = ""
     floor = _min_exact_p(nonzero, alternative)
-    if floor > 0.05:
+    if floor > alpha:
         note = f"only {nonzero} non-zero differences: the exact p cannot go below {floor:.4g}"
     return float(res.statistic), float(res.pvalue), note
 
@@ -129,16 +165,20 @@ def wilcoxon_vs_baseline(
     metrics: Sequence[str],
     baseline: dict[str, str],
     *,
+    unit: Unit = "observation",
+    pair_on: Sequence[str] = OBSERVATION_KEYS,
     zero_method: str = "wilcox",
-    alternative: str = "two-sided",
+    alternative: str = "improvement",
+    alpha: float = 0.01,
 ) -> pd.DataFrame:
-    """Wilcoxon signed-rank test of each non-baseline setting against the baseline, paired by identity.
+    """Wilcoxon signed-rank test of each non-baseline setting against the baseline, paired on the unit.
 
     `baseline` fixes some setting columns (e.g. `{"method": "no purification"}`); the setting columns it
     leaves out are matched, so with settings `["method", "protection"]` every method is compared with the
-    baseline method *under the same protection*. Returns one row per (setting, metric): the setting
-    columns, `metric`, `statistic`, `p_value`, `n_pairs`, `mean`, `baseline_mean` (over the paired
-    identities), `mean_diff` and `note` (why p is NaN, or a caveat; "" otherwise).
+    baseline method *under the same protection*. `alternative`: "improvement" (one-sided, each metric's
+    better direction), "two-sided", "greater" or "less". Returns one row per (setting, metric): the setting
+    columns, `metric`, `alternative`, `statistic`, `p_value`, `n_pairs`, `mean`, `baseline_mean` (over the
+    pairs), `mean_diff` and `note` (why p is NaN, or that `alpha` is out of reach; "" otherwise).
     """
     settings, metrics = list(settings), list(metrics)
     if not baseline:
@@ -146,7 +186,11 @@ def wilcoxon_vs_baseline(
     unknown = [k for k in baseline if k not in settings]
     if unknown:
         raise KeyError(f"wilcoxon_vs_baseline: baseline key(s) {unknown} are not settings {settings}")
-    means = identity_means(df, settings, metrics)
+    if alternative not in ("improvement", "two-sided", "greater", "less"):
+        raise ValueError(f"wilcoxon_vs_baseline: alternative must be improvement, two-sided, greater or less, "
+                         f"got {alternative!r}")
+    keys = unit_keys(unit, pair_on)
+    means = unit_means(df, settings, metrics, keys)
     for k, v in baseline.items():
         present = set(means[k].astype(str))
         if str(v) not in present:
@@ -155,7 +199,8 @@ def wilcoxon_vs_baseline(
     is_base = np.logical_and.reduce([means[k].astype(str) == str(v) for k, v in baseline.items()])
     base_rows, other_rows = means[is_base], means[~is_base]
 
-    columns = [*settings, "metric", "statistic", "p_value", "n_pairs", "mean", "baseline_mean", "mean_diff", "note"]
+    columns = [*settings, "metric", "alternative", "statistic", "p_value", "n_pairs", "mean", "baseline_mean",
+               "mean_diff", "note"]
     records = []
     for key, group in other_rows.groupby(settings, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -164,18 +209,20 @@ def wilcoxon_vs_baseline(
         for s in free:
             base = base[base[s].isna()] if pd.isna(label[s]) else base[base[s] == label[s]]
         for m in metrics:
-            a = group.set_index(IDENTITY)[m].dropna()
-            b = base.set_index(IDENTITY)[m].dropna()
-            common = [i for i in a.index if i in b.index]
+            side = better_direction(m) if alternative == "improvement" else alternative
+            a = group.set_index(keys)[m].dropna()
+            b = base.set_index(keys)[m].dropna()
+            common = a.index.intersection(b.index)
             x = a.loc[common].to_numpy(dtype=float)
             y = b.loc[common].to_numpy(dtype=float)
             if len(base) == 0:
                 where = ", ".join(f"{s}={label[s]!r}" for s in free)
                 stat, p, note = math.nan, math.nan, f"no baseline rows with {where}"
             else:
-                stat, p, note = _wilcoxon_pair(x, y, zero_method, alternative)
+                stat, p, note = _wilcoxon_pair(x, y, zero_method, side, alpha)
             records.append({
-                **label, "metric": m, "statistic": stat, "p_value": p, "n_pairs": len(common),
+                **label, "metric": m, "alternative": side, "statistic": stat, "p_value": p,
+                "n_pairs": len(common),
                 "mean": float(x.mean()) if len(x) else math.nan,
                 "baseline_mean": float(y.mean()) if len(y) else math.nan,
                 "mean_diff": float((x - y).mean()) if len(x) else math.nan,

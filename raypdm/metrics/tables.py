@@ -4,17 +4,18 @@ Shapes follow the tables of Liu, Chen, Chen, Sun, "Rethinking and Red-Teaming Pr
 Personalized Diffusion Models":
 
 - `table1`: rows = methods (purification / defence settings), columns = protection × {IMS, Q}, cells
-  "mean ± std" over identities, with a marker ("*") where the Wilcoxon signed-rank test against
-  `baseline_method` under the same protection gives p < 0.05. The paper marks its best entries in bold
-  instead; a significance marker says more and survives plain Markdown.
+  "mean ± std", with a marker ("*") on a method under test where a one-sided Wilcoxon signed-rank test
+  gives p ≤ 0.01 against *each* baseline under the same protection (the paper: "significant improvement
+  over the baselines"). The paper marks its best entries in bold too; the marker survives plain Markdown.
 - `table2`: rows = purifiers, columns = LPIPS, SSIM, MS-SSIM, PSNR ("mean ± std") and seconds per sample.
 - `table4`: the ablation: one row per on/off combination of CodeFormer / SR / CDL (✓/✗ columns), then
   IMS and Q.
 
-Statistics come from `raypdm.metrics.stats`: identities are the unit (mean over an identity's images
-first, then mean ± sample std over identities). A frame without an `identity` column (e.g. a throughput
-benchmark) treats every row as its own unit. Cells are strings: these tables are for reading; the numbers
-themselves stay in the Parquet manifests and summaries.
+Statistics come from `raypdm.metrics.stats`. The unit is the paper's by default: every scored image is an
+observation (means and spreads over identities × images, App. A.1; tests paired by identity, prompt and
+seed); ``unit="identity"`` averages each identity first. A frame without an `identity` column (e.g. a
+throughput benchmark) treats every row as its own unit. Cells are strings: these tables are for reading;
+the numbers themselves stay in the Parquet manifests and summaries.
 
 Markdown is written by hand (pandas' `to_markdown` needs `tabulate`); HTML is a plain `<table>` fragment
 with every text escaped, so identity and setting names (user data) cannot inject markup.
@@ -32,7 +33,14 @@ import numpy as np
 import pandas as pd
 
 from raypdm.data.uri import write_bytes
-from raypdm.metrics.stats import IDENTITY, format_mean_std, setting_summary, wilcoxon_vs_baseline
+from raypdm.metrics.stats import (
+    IDENTITY,
+    OBSERVATION_KEYS,
+    Unit,
+    format_mean_std,
+    setting_summary,
+    wilcoxon_vs_baseline,
+)
 
 __all__ = [
     "best_baseline",
@@ -75,11 +83,37 @@ def _scored(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["error"].isna()] if "error" in df.columns else df
 
 
-def _with_units(df: pd.DataFrame) -> pd.DataFrame:
-    """Identities are the statistical unit; without an identity column every row is its own unit."""
-    if IDENTITY in df.columns:
-        return df
-    return df.assign(**{IDENTITY: np.arange(len(df))})
+def _with_units(df: pd.DataFrame, settings: Sequence[str] = (), pair_on: Sequence[str] = OBSERVATION_KEYS
+                ) -> pd.DataFrame:
+    """Without an identity column every row is its own unit. A frame without the observation keys (one
+    built by hand, a benchmark's) numbers each identity's rows per setting: its k-th image under one
+    setting pairs with its k-th under another."""
+    if IDENTITY not in df.columns:
+        df = df.assign(**{IDENTITY: np.arange(len(df))})
+    missing = [k for k in pair_on if k not in df.columns]
+    if missing:
+        position = df.groupby([*settings, IDENTITY], sort=False, dropna=False).cumcount()
+        df = df.assign(**{k: position for k in missing})
+    return df
+
+
+# Columns that tell observations apart besides identity, prompt and image: the same generated file name
+# under another protection, training seed or method (two methods can share an ablation row) is another
+# observation, never averaged with it.
+CONTEXT = ("protection", "method", "seed")
+
+
+def _observation_keys(df: pd.DataFrame, settings: Sequence[str], pair_on: Sequence[str]) -> list[str]:
+    return [*pair_on, *(c for c in CONTEXT if c in df.columns and c not in settings and c not in pair_on)]
+
+
+def _unit_caption(unit: Unit, summary: pd.DataFrame) -> str:
+    n_id = sorted(set(summary["n_identities"].tolist()))
+    if unit == "identity":
+        return f"mean ± std over identities (n = {', '.join(map(str, n_id))})"
+    n = sorted(set(summary["n_units"].tolist()))
+    return (f"mean ± std over identities × images (App. A.1; {', '.join(map(str, n_id))} identities, "
+            f"n = {', '.join(map(str, n))})")
 
 
 def best_baseline(
@@ -109,25 +143,47 @@ def table1(
     method_col: str = "method",
     protection_col: str = "protection",
     metrics: Sequence[str] = ("ims", "q"),
-    baseline_method: str | None = None,
+    baselines: str | Sequence[str] | None = None,
     *,
-    alpha: float = 0.05,
+    ours: Sequence[str] | None = None,
+    unit: Unit = "observation",
+    pair_on: Sequence[str] = OBSERVATION_KEYS,
+    alternative: str = "improvement",
+    alpha: float = 0.01,
     marker: str = "*",
     digits: int | None = None,
 ) -> pd.DataFrame:
-    """Paper Table 1: rows = methods, MultiIndex columns (protection, metric label), cells "m ± s[*]"."""
+    """Paper Table 1: rows = methods, MultiIndex columns (protection, metric label), cells "m ± s[*]".
+
+    `baselines`: the methods a marked entry must beat. A list: a method under test (`ours`; by default
+    every method not in the list) is marked where p ≤ `alpha` against *each* listed baseline present under
+    that protection. One name: every other method is tested against it alone. None: no tests, no marks.
+    The tests' rows, p-values included, are in ``table.attrs["tests"]``."""
     metrics = list(metrics)
-    df = _with_units(df)
-    summary = setting_summary(df, [method_col, protection_col], metrics)
+    df = _with_units(df, [method_col, protection_col], pair_on)
+    pair_on = _observation_keys(df, [method_col, protection_col], pair_on)
+    summary = setting_summary(df, [method_col, protection_col], metrics, unit=unit, pair_on=pair_on)
     scored = _scored(df)
     methods = _ordered_unique(scored[method_col])
     protections = _ordered_unique(scored[protection_col])
-    significant: set[tuple[Any, Any, str]] = set()
-    if baseline_method is not None:
-        tests = wilcoxon_vs_baseline(df, [method_col, protection_col], metrics, {method_col: baseline_method})
+    if isinstance(baselines, str):
+        base_list, tested = [baselines], [m for m in methods if m != baselines]
+    else:
+        base_list = list(baselines or [])
+        tested = [m for m in (ours if ours is not None else methods) if m not in base_list and m in methods]
+    base_list = [b for b in base_list if b in methods]
+    # (method, protection, metric) -> p-values against each baseline present under that protection
+    pvalues: dict[tuple[Any, Any, str], list[float]] = {}
+    frames = []
+    for b in base_list:
+        tests = wilcoxon_vs_baseline(df, [method_col, protection_col], metrics, {method_col: b}, unit=unit,
+                                     pair_on=pair_on, alternative=alternative, alpha=alpha)
+        tests = tests[tests[method_col].isin(tested)].assign(baseline=b)
+        frames.append(tests)
         for r in tests.to_dict("records"):
-            if not math.isnan(r["p_value"]) and r["p_value"] < alpha:
-                significant.add((r[method_col], r[protection_col], r["metric"]))
+            if not r["note"].startswith("no baseline rows"):
+                pvalues.setdefault((r[method_col], r[protection_col], r["metric"]), []).append(r["p_value"])
+    significant = {k for k, ps in pvalues.items() if ps and all(not math.isnan(p) and p <= alpha for p in ps)}
     columns = pd.MultiIndex.from_tuples(
         [(p, _label(m)) for p in protections for m in metrics], names=[protection_col, "metric"]
     )
@@ -139,12 +195,15 @@ def table1(
             if (method, prot, m) in significant:
                 cell += marker
             table.loc[method, (prot, _label(m))] = cell
-    n = sorted(set(summary["n_identities"].tolist()))
-    caption = f"mean ± std over identities (n = {', '.join(map(str, n))})"
-    if baseline_method is not None:
-        caption += (f"; {marker} p < {alpha:g}, Wilcoxon signed-rank test against {baseline_method} under the "
-                    "same protection, paired by identity")
+    caption = _unit_caption(unit, summary)
+    if base_list and tested:
+        side = "one-sided (improvement)" if alternative == "improvement" else alternative
+        paired = "identity" if unit == "identity" else "identity, prompt and seed"
+        against = (f"each of {', '.join(base_list)}" if len(base_list) > 1 else base_list[0])
+        caption += (f"; {marker} p ≤ {alpha:g}, {side} Wilcoxon signed-rank test against {against} under the "
+                    f"same protection, paired by {paired}")
     table.attrs["caption"] = caption
+    table.attrs["tests"] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return table
 
 
@@ -160,6 +219,7 @@ def table2(
     metrics: Sequence[str] = ("lpips", "ssim", "ms_ssim", "psnr"),
     seconds_col: str = "seconds",
     *,
+    unit: Unit = "observation",
     digits: int | None = None,
 ) -> pd.DataFrame:
     """Paper Table 2: rows = purifiers; LPIPS, SSIM, MS-SSIM, PSNR as "m ± s"; mean seconds per sample.
@@ -168,8 +228,9 @@ def table2(
     frame without it gets "—" there.
     """
     metrics = list(metrics)
-    df = _with_units(df)
-    summary = setting_summary(df, [purifier_col], metrics)
+    df = _with_units(df, [purifier_col])
+    summary = setting_summary(df, [purifier_col], metrics, unit=unit,
+                              pair_on=_observation_keys(df, [purifier_col], OBSERVATION_KEYS))
     scored = _scored(df)
     purifiers = _ordered_unique(scored[purifier_col])
     sec_label = "s/sample"
@@ -186,10 +247,7 @@ def table2(
         seconds = pd.to_numeric(scored[seconds_col], errors="coerce").groupby(scored[purifier_col], sort=False).mean()
         for purifier, v in seconds.items():
             table.loc[purifier, sec_label] = _format_seconds(v)
-    n = sorted(set(summary["n_identities"].tolist()))
-    unit = "identities" if IDENTITY in df.columns else "images"
-    table.attrs["caption"] = (f"mean ± std over {unit} (n = {', '.join(map(str, n))}); "
-                              "s/sample: mean compute seconds per image")
+    table.attrs["caption"] = f"{_unit_caption(unit, summary)}; s/sample: mean compute seconds per image"
     return table
 
 
@@ -212,6 +270,7 @@ def table4(
     flags: Sequence[str] = ("codeformer", "sr", "cdl"),
     metrics: Sequence[str] = ("ims", "q"),
     *,
+    unit: Unit = "observation",
     digits: int | None = None,
 ) -> pd.DataFrame:
     """Paper Table 4 (ablation): one row per on/off combination present, ✓/✗ per flag, then "m ± s".
@@ -223,10 +282,10 @@ def table4(
     missing = [f for f in flags if f not in df.columns]
     if missing:
         raise KeyError(f"table4: flag column(s) {missing} not in the frame (columns: {list(df.columns)})")
-    df = _with_units(df).copy()
+    df = _with_units(df, flags).copy()
     for f in flags:
         df[f] = [_as_flag(v, f) for v in df[f]]
-    summary = setting_summary(df, flags, metrics)
+    summary = setting_summary(df, flags, metrics, unit=unit, pair_on=_observation_keys(df, flags, OBSERVATION_KEYS))
     summary["_order"] = [(sum(t), tuple(t)) for t in summary[flags].itertuples(index=False, name=None)]
     summary = summary.sort_values("_order", kind="stable")
     rows = []
@@ -236,8 +295,7 @@ def table4(
             row[_label(m)] = format_mean_std(rec[f"{m}_mean"], rec[f"{m}_std"], _digits(m, digits))
         rows.append(row)
     table = pd.DataFrame(rows, columns=[*(FLAG_LABELS.get(f, f) for f in flags), *map(_label, metrics)], dtype=object)
-    n = sorted(set(summary["n_identities"].tolist()))
-    table.attrs["caption"] = f"mean ± std over identities (n = {', '.join(map(str, n))})"
+    table.attrs["caption"] = _unit_caption(unit, summary)
     return table
 
 

@@ -50,6 +50,19 @@ class RedteamSampling(StrictModel):
     batch_size: int = Field(8, ge=1)
 
 
+class StatisticsSection(StrictModel):
+    """How Table 1, 2 and 4 aggregate and test (paper App. A.1 and Table 1's caption by default)."""
+
+    unit: Literal["observation", "identity"] = Field(
+        "observation", description="observation: means, spreads and tests over identities × generated images, "
+                                   "paired by identity, prompt and seed (the paper); identity: each identity's "
+                                   "mean first (with 4 identities no test can reach p ≤ 0.01)")
+    alpha: float = Field(0.01, gt=0, lt=1, description="a Table 1 entry is starred at p ≤ alpha")
+    test: Literal["improvement", "two-sided"] = Field(
+        "improvement", description="improvement: one-sided in each metric's better direction (the paper's "
+                                   "'significant improvement'); two-sided: any difference")
+
+
 class RedteamConfig(JobConfig):
     data: Uri = Field(description="clean dataset root: <identity>/set_A|set_B|set_C")
     output: Uri = Field(description="run directory: every stage, the tables and report.html")
@@ -73,8 +86,11 @@ class RedteamConfig(JobConfig):
     workers: int = Field(1, ge=1, description="actors per model stage")
     ours: list[str] = Field(default_factory=lambda: ["codesr + cdl", "codeformer+sr + cdl"],
                             description="the method(s) under test in Table 1 ('<purifier> + <mode>')")
-    baseline: str = Field("best", description="Table 1's Wilcoxon baseline: 'best' (the strongest method other "
-                                              "than `ours`, by mean IMS) or a method such as 'none + vanilla'")
+    baseline: str = Field("each", description="what a starred Table 1 entry of `ours` beats: 'each' (every "
+                                              "other method, as the paper's 'vs the baselines'), 'best' (the "
+                                              "strongest other method by mean IMS) or one method such as "
+                                              "'none + vanilla' (every method tested against it)")
+    statistics: StatisticsSection = Field(default_factory=StatisticsSection)
     benchmark_plots: list[Uri] | None = Field(
         None, description="PNG URIs shown under 'benchmarks' in the report [this checkout's benchmarks/results]")
     grid_images: int = Field(3, ge=1, le=16, description="images per row in the report's grids")
@@ -405,14 +421,24 @@ def _tables(cfg: RedteamConfig, results, purified: dict[tuple[str, str], str]) -
     if len(ok):
         from raypdm.metrics.tables import best_baseline
 
-        baseline = best_baseline(ok, cfg.ours) if cfg.baseline == "best" else cfg.baseline
-        out["table1"] = write_table(table1(ok, method_col="method", protection_col="protection",
-                                           baseline_method=baseline), join(cfg.output, "tables", "table1"))
+        st = cfg.statistics
+        if cfg.baseline == "each":
+            baselines: str | list[str] | None = [m for m in dict.fromkeys(ok["method"]) if m not in cfg.ours]
+        elif cfg.baseline == "best":
+            baselines = best_baseline(ok, cfg.ours)
+            baselines = [baselines] if baselines else None
+        else:
+            baselines = cfg.baseline
+        t1 = table1(ok, method_col="method", protection_col="protection", baselines=baselines, ours=cfg.ours,
+                    unit=st.unit, alternative=st.test, alpha=st.alpha)
+        out["table1"] = write_table(t1, join(cfg.output, "tables", "table1"))
+        if len(t1.attrs["tests"]):  # every p-value behind the stars, for whoever wants to check them
+            _parquet(t1.attrs["tests"], join(cfg.output, "tables", "table1_tests.parquet"))
         abl = ok.copy()
         abl["codeformer"] = abl["purifier"].map(lambda s: _has(s, "codeformer"))
         abl["sr"] = abl["purifier"].map(lambda s: _has(s, "sr"))
         abl["cdl"] = abl["mode"] == "cdl"
-        out["table4"] = write_table(table4(abl), join(cfg.output, "tables", "table4"))
+        out["table4"] = write_table(table4(abl, unit=st.unit), join(cfg.output, "tables", "table4"))
     # Table 2: faithfulness of each purifier's output to the clean image, and seconds per image.
     frames = []
     for (prot, spec), uri in purified.items():
@@ -426,11 +452,13 @@ def _tables(cfg: RedteamConfig, results, purified: dict[tuple[str, str], str]) -
         df = df.rename(columns=cols)
         df["purifier"] = spec
         df["protection"] = prot
-        frames.append(df[["purifier", "protection", "identity", "seconds", *[c for c in cols.values() if c in df]]])
+        frames.append(df[["purifier", "protection", "identity", "split", "name", "seconds",
+                          *[c for c in cols.values() if c in df]]])
     if frames:
         faith = pd.concat(frames, ignore_index=True)
         faith = faith.replace([math.inf, -math.inf], float("nan"))
-        out["table2"] = write_table(table2(faith, purifier_col="purifier"), join(cfg.output, "tables", "table2"))
+        out["table2"] = write_table(table2(faith, purifier_col="purifier", unit=cfg.statistics.unit),
+                                    join(cfg.output, "tables", "table2"))
     return out
 
 
@@ -491,8 +519,8 @@ def _report(cfg: RedteamConfig, results, tables, plots, protected, purified, sec
             rows.append(GridRow(label=f"generated: {cell_path}",
                                 images=first(join(cfg.output, "sample", cell_path), ident, None, n)))
         grids.append(ImageGrid(identity=ident, columns=[f"image {i + 1}" for i in range(n)], rows=rows))
-    titles = {"table1": "Table 1: IMS and Q per method and protection (mean ± std over identities; * p<0.05 vs "
-                        "the baseline, Wilcoxon)",
+    titles = {"table1": "Table 1: IMS and Q per method and protection (mean ± std; * significant improvement, "
+                        "Wilcoxon: see the caption)",
               "table2": "Table 2: faithfulness of purified images to the clean ones, and seconds per image",
               "table4": "Table 4: ablation of CodeFormer / SR / CDL"}
     table_refs = [TableRef(title=titles[k], uri=v["html"]) for k, v in sorted(tables.items()) if "html" in v]

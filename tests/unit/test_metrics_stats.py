@@ -13,6 +13,11 @@ from raypdm.metrics.stats import format_mean_std, identity_means, setting_summar
 from raypdm.metrics.tables import best_baseline, table1, table2, table4, to_html, to_markdown, write_table
 
 
+# The identity-level, two-sided protocol (what these tests were written for); the paper's observation-level,
+# one-sided one has its own tests below.
+ID2 = dict(unit="identity", alternative="two-sided")
+
+
 def _frame() -> pd.DataFrame:
     """2 methods x 1 protection x 3 identities, uneven image counts, one error row."""
     rows = [
@@ -39,7 +44,7 @@ def test_identity_means_match_numpy_and_skip_error_rows():
 
 
 def test_setting_summary_mean_std_over_identities():
-    summary = setting_summary(_frame(), ["method", "protection"], ["ims", "q"]).set_index("method")
+    summary = setting_summary(_frame(), ["method", "protection"], ["ims", "q"], unit="identity").set_index("method")
     a_ims = np.array([0.20, 0.50, 0.50])  # identity means of method a: x, y, z
     assert summary.loc["a", "ims_mean"] == pytest.approx(a_ims.mean())
     assert summary.loc["a", "ims_std"] == pytest.approx(a_ims.std(ddof=1))
@@ -50,7 +55,7 @@ def test_setting_summary_mean_std_over_identities():
 
 def test_setting_summary_single_identity_has_nan_std():
     df = pd.DataFrame({"method": ["a", "a"], "identity": ["x", "x"], "ims": [0.2, 0.4]})
-    s = setting_summary(df, ["method"], ["ims"])
+    s = setting_summary(df, ["method"], ["ims"], unit="identity")
     assert s["ims_mean"].iloc[0] == pytest.approx(0.3)
     assert math.isnan(s["ims_std"].iloc[0])
     assert s["n_identities"].iloc[0] == 1
@@ -67,7 +72,7 @@ def _paired_frame(n_ids: int = 8, seed: int = 0) -> tuple[pd.DataFrame, np.ndarr
 
 def test_wilcoxon_rows_equal_scipy():
     df, other, base = _paired_frame()
-    out = wilcoxon_vs_baseline(df, ["method", "protection"], ["ims"], {"method": "none"})
+    out = wilcoxon_vs_baseline(df, ["method", "protection"], ["ims"], {"method": "none"}, **ID2)
     assert len(out) == 1
     row = out.iloc[0]
     ref = wilcoxon(other, base)
@@ -85,7 +90,7 @@ def test_wilcoxon_pairs_only_shared_identities_within_protection():
     extra = df.assign(protection="metacloak")
     extra = extra[~((extra["method"] == "none") & extra["identity"].isin(["id0", "id1"]))]
     extra.loc[extra["method"] == "codesr", "ims"] += 0.5
-    out = wilcoxon_vs_baseline(pd.concat([df, extra]), ["method", "protection"], ["ims"], {"method": "none"})
+    out = wilcoxon_vs_baseline(pd.concat([df, extra]), ["method", "protection"], ["ims"], {"method": "none"}, **ID2)
     row = out.set_index("protection").loc["metacloak"]
     x = extra[(extra.method == "codesr") & ~extra.identity.isin(["id0", "id1"])].sort_values("identity")["ims"]
     y = extra[extra.method == "none"].sort_values("identity")["ims"]
@@ -96,27 +101,27 @@ def test_wilcoxon_pairs_only_shared_identities_within_protection():
 
 def test_wilcoxon_degenerate_cases_give_nan_with_reason():
     one = pd.DataFrame({"method": ["none", "m"], "identity": ["x", "x"], "ims": [0.1, 0.2]})
-    r = wilcoxon_vs_baseline(one, ["method"], ["ims"], {"method": "none"}).iloc[0]
+    r = wilcoxon_vs_baseline(one, ["method"], ["ims"], {"method": "none"}, **ID2).iloc[0]
     assert math.isnan(r["p_value"]) and "fewer than 2" in r["note"] and r["n_pairs"] == 1
 
     same = pd.DataFrame({"method": ["none"] * 3 + ["m"] * 3, "identity": list("xyz") * 2, "ims": [0.1, 0.2, 0.3] * 2})
-    r = wilcoxon_vs_baseline(same, ["method"], ["ims"], {"method": "none"}).iloc[0]
+    r = wilcoxon_vs_baseline(same, ["method"], ["ims"], {"method": "none"}, **ID2).iloc[0]
     assert math.isnan(r["p_value"]) and "zero" in r["note"]
 
     disjoint = pd.DataFrame({"method": ["none", "none", "m", "m"], "identity": ["x", "y", "z", "w"], "ims": [0.1] * 4})
-    r = wilcoxon_vs_baseline(disjoint, ["method"], ["ims"], {"method": "none"}).iloc[0]
+    r = wilcoxon_vs_baseline(disjoint, ["method"], ["ims"], {"method": "none"}, **ID2).iloc[0]
     assert math.isnan(r["p_value"]) and r["n_pairs"] == 0 and r["note"]
 
     two_prot = pd.DataFrame({"method": ["none", "m", "m"], "protection": ["p", "p", "q"],
                              "identity": ["x", "x", "x"], "ims": [0.1, 0.2, 0.3]})
-    out = wilcoxon_vs_baseline(two_prot, ["method", "protection"], ["ims"], {"method": "none"})
+    out = wilcoxon_vs_baseline(two_prot, ["method", "protection"], ["ims"], {"method": "none"}, **ID2)
     assert "no baseline rows" in out.set_index("protection").loc["q", "note"]
 
 
 def test_wilcoxon_bad_baseline_names_the_field():
     df, _, _ = _paired_frame()
     with pytest.raises(ValueError, match="method='nonee'"):
-        wilcoxon_vs_baseline(df, ["method", "protection"], ["ims"], {"method": "nonee"})
+        wilcoxon_vs_baseline(df, ["method", "protection"], ["ims"], {"method": "nonee"}, **ID2)
     with pytest.raises(KeyError, match="purifier"):
         wilcoxon_vs_baseline(df, ["method", "protection"], ["ims"], {"purifier": "none"})
     with pytest.raises(KeyError, match="lpips"):
@@ -145,7 +150,7 @@ def _table1_frame() -> pd.DataFrame:
 
 def test_table1_shape_and_cells():
     df = _table1_frame()
-    t = table1(df, baseline_method="none")
+    t = table1(df, baselines="none", **ID2, alpha=0.05)
     assert list(t.index) == ["none", "CodeSR"]
     assert t.columns.nlevels == 2
     assert list(t.columns) == [("ASPL", "IMS"), ("ASPL", "Q"), ("Meta|Cloak", "IMS"), ("Meta|Cloak", "Q")]
@@ -184,7 +189,7 @@ def test_table1_missing_setting_and_no_baseline():
 
 
 def test_markdown_and_html_rendering_escape_user_text():
-    t = table1(_table1_frame(), baseline_method="none")
+    t = table1(_table1_frame(), baselines="none", **ID2, alpha=0.05)
     md = to_markdown(t)
     lines = md.splitlines()
     assert lines[0] == "| method | ASPL / IMS | ASPL / Q | Meta\\|Cloak / IMS | Meta\\|Cloak / Q |"
@@ -226,7 +231,7 @@ def test_table2_and_table4():
 
 
 def test_write_table_writes_md_html_parquet(tmp_path):
-    t = table1(_table1_frame(), baseline_method="none")
+    t = table1(_table1_frame(), baselines="none", **ID2, alpha=0.05)
     uris = write_table(t, str(tmp_path / "tables" / "table1"))
     assert set(uris) == {"md", "html", "parquet"}
     assert (tmp_path / "tables" / "table1.md").read_text(encoding="utf-8") == to_markdown(t)
@@ -234,3 +239,109 @@ def test_write_table_writes_md_html_parquet(tmp_path):
     back = pd.read_parquet(uris["parquet"])
     assert list(back.columns) == ["method", "ASPL / IMS", "ASPL / Q", "Meta|Cloak / IMS", "Meta|Cloak / Q"]
     assert back["ASPL / IMS"].tolist() == t[("ASPL", "IMS")].tolist()
+
+
+# ---- the paper's statistics (App. A.1, Table 1's caption): observations, one-sided, p ≤ 0.01, each baseline
+
+
+def _matrix(ours_shift: float, n_ids: int = 4, prompts: int = 2, images: int = 8, seed: int = 0) -> pd.DataFrame:
+    """Generated-image scores of 3 methods × 2 protections; every observation (identity, prompt, image)
+    has a shared part (the identity's and the prompt's difficulty) and a method-specific noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for prot in ("aspl", "metacloak"):
+        for i in range(n_ids):
+            for p in range(prompts):
+                for k in range(images):
+                    shared = rng.normal(0.0, 0.2)
+                    for method, shift in (("none + vanilla", 0.0), ("jpeg + vanilla", 0.05), ("codesr + cdl", ours_shift)):
+                        rows.append({"method": method, "protection": prot, "identity": f"id{i}",
+                                     "split": f"prompt-{p}", "name": f"{k:04d}.png",
+                                     "ims": shared + shift + rng.normal(0, 0.05),
+                                     "q": 0.5 * shared + shift + rng.normal(0, 0.05), "error": None})
+    return pd.DataFrame(rows)
+
+
+BASELINES = ["none + vanilla", "jpeg + vanilla"]
+
+
+def test_better_by_construction_gets_its_stars_with_four_identities():
+    t = table1(_matrix(ours_shift=0.3), baselines=BASELINES, ours=["codesr + cdl"])
+    for prot in ("aspl", "metacloak"):
+        for m in ("IMS", "Q"):
+            assert t.loc["codesr + cdl", (prot, m)].endswith("*")
+            assert not any(t.loc[b, (prot, m)].endswith("*") for b in BASELINES)  # baselines are never marked
+    assert "p ≤ 0.01" in t.attrs["caption"] and "one-sided" in t.attrs["caption"]
+    assert "identities × images" in t.attrs["caption"] and "identity, prompt and seed" in t.attrs["caption"]
+    tests = t.attrs["tests"]
+    assert set(tests["baseline"]) == set(BASELINES) and (tests["n_pairs"] == 4 * 2 * 8).all()
+    assert (tests["p_value"] <= 0.01).all() and set(tests["alternative"]) == {"greater"}
+
+
+def test_equal_methods_get_no_star():
+    # Ours equal in distribution to the strongest baseline: no star (both seeds, so not one lucky draw).
+    for seed in (0, 1):
+        t = table1(_matrix(ours_shift=0.05, seed=seed), baselines=BASELINES, ours=["codesr + cdl"])
+        assert not any(str(v).endswith("*") for v in t.to_numpy().ravel())
+
+
+def test_a_star_needs_every_baseline():
+    df = _matrix(ours_shift=0.3)
+    strong = df[df.method == "codesr + cdl"].assign(method="strong + vanilla")
+    df = pd.concat([df, strong], ignore_index=True)  # a baseline exactly as good as ours
+    t = table1(df, baselines=[*BASELINES, "strong + vanilla"], ours=["codesr + cdl"])
+    assert not t.loc["codesr + cdl", ("aspl", "IMS")].endswith("*")
+    # against the two weak ones alone it is starred
+    t = table1(df, baselines=BASELINES, ours=["codesr + cdl"])
+    assert t.loc["codesr + cdl", ("aspl", "IMS")].endswith("*")
+
+
+def test_worse_by_construction_gets_no_star_one_sided():
+    t = table1(_matrix(ours_shift=-0.3), baselines=BASELINES, ours=["codesr + cdl"])
+    assert not any(str(v).endswith("*") for v in t.to_numpy().ravel())
+    assert (t.attrs["tests"]["p_value"] > 0.99).all()  # one-sided: a decline is no improvement
+    two = table1(_matrix(ours_shift=-0.3), baselines=BASELINES, ours=["codesr + cdl"], alternative="two-sided")
+    assert two.loc["codesr + cdl", ("aspl", "IMS")].endswith("*")
+
+
+def test_identity_unit_cannot_star_four_identities():
+    df = _matrix(ours_shift=0.3)
+    t = table1(df, baselines=BASELINES, ours=["codesr + cdl"], unit="identity")
+    assert not any(str(v).endswith("*") for v in t.to_numpy().ravel())
+    notes = t.attrs["tests"]["note"]
+    assert notes.str.contains("cannot go below 0.0625").all()  # 4 pairs: one-sided floor 1/16
+
+
+def test_observation_means_and_spreads_are_over_all_scored_images():
+    df = _matrix(ours_shift=0.3)
+    df = df[~((df.identity == "id0") & (df.name != "0000.png"))]  # id0 keeps 1 image per prompt, the rest 8
+    df = pd.concat([df, df.iloc[:1].assign(ims=99.0, error="boom")], ignore_index=True)
+    t = table1(df, baselines=BASELINES, ours=["codesr + cdl"])
+    obs = df[(df.method == "codesr + cdl") & (df.protection == "aspl") & df.error.isna()]["ims"].to_numpy()
+    assert t.loc["codesr + cdl", ("aspl", "IMS")].rstrip("*") == format_mean_std(obs.mean(), obs.std(ddof=1))
+    s = setting_summary(df, ["method", "protection"], ["ims"])
+    row = s[(s.method == "codesr + cdl") & (s.protection == "aspl")].iloc[0]
+    assert row["n_units"] == len(obs) == 2 + 3 * 16 and row["n_identities"] == 4
+    by_id = setting_summary(df, ["method", "protection"], ["ims"], unit="identity")
+    row_id = by_id[(by_id.method == "codesr + cdl") & (by_id.protection == "aspl")].iloc[0]
+    assert row_id["ims_mean"] != pytest.approx(row["ims_mean"])  # the two units weigh id0 differently
+
+
+def test_pairs_follow_identity_prompt_and_seed_not_row_order():
+    df = _matrix(ours_shift=0.1)
+    ours = df[(df.method == "codesr + cdl") & (df.protection == "aspl")].sort_values(["identity", "split", "name"])
+    base = df[(df.method == "none + vanilla") & (df.protection == "aspl")].sort_values(["identity", "split", "name"])
+    ref = wilcoxon(ours["ims"].to_numpy(), base["ims"].to_numpy(), alternative="greater")
+    shuffled = df.sample(frac=1.0, random_state=3)
+    out = wilcoxon_vs_baseline(shuffled, ["method", "protection"], ["ims"], {"method": "none + vanilla"})
+    row = out[(out.method == "codesr + cdl") & (out.protection == "aspl")].iloc[0]
+    assert row["p_value"] == pytest.approx(float(ref.pvalue)) and row["n_pairs"] == 64
+    assert row["statistic"] == pytest.approx(float(ref.statistic))
+
+
+def test_improvement_is_lower_for_lower_is_better_metrics():
+    df = _matrix(ours_shift=0.3).assign(lpips=lambda d: -d["ims"])
+    out = wilcoxon_vs_baseline(df, ["method", "protection"], ["ims", "lpips"], {"method": "none + vanilla"})
+    ours = out[out.method == "codesr + cdl"].set_index(["protection", "metric"])
+    assert ours.loc[("aspl", "ims"), "alternative"] == "greater" and ours.loc[("aspl", "lpips"), "alternative"] == "less"
+    assert ours.loc[("aspl", "lpips"), "p_value"] <= 0.01

@@ -56,7 +56,7 @@ def _run_dir(root: str) -> tuple[str, ReportIndex]:
         write_bytes(f"{root}{sep}img/{name}.png", _png(colour))
     write_bytes(f"{root}{sep}img/big.png", _png(BIG, (600, 400)))
     write_bytes(f"{root}{sep}plots/mismatch.png", _png(PLOT, (500, 200)))
-    uris = write_table(table1(_table_frame(), baseline_method="none"), f"{root}{sep}tables/table1")
+    uris = write_table(table1(_table_frame(), baselines="none"), f"{root}{sep}tables/table1")
     write_bytes(f"{root}{sep}tables/evil.html", (
         b'<table onclick="x()"><tr><td style="background:url(http://evil.example/a.png)" colspan="2">ok'
         b'<img src="http://evil.example/x.png"><a href="https://evil.example/">link</a></td></tr>'
