@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 __all__ = [
     "ConfigError",
@@ -121,6 +121,10 @@ class StrictModel(BaseModel):
 
 class JobConfig(StrictModel):
     """A whole job's config. Subclasses add their sections and fields."""
+
+    protocol: Literal["paper", "official-code"] = Field(
+        "paper", description="paper: the paper's text; official-code: what its public code ran "
+                             "(raypdm/protocols.py; explicit settings override it)")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

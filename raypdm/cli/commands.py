@@ -94,15 +94,17 @@ def build_job_command(spec: JobSpec) -> click.Command:
         if "field_output" in params and params.get("flag_out") is not None and params["field_output"] is None:
             params["field_output"] = params["flag_out"]
         flags = flag_values(config_cls, spec.flags, params)
+        sources: dict[str, str] = {}
         try:
             data = job_data(spec, config_path=params["config_path"], smoke=params["smoke"], flags=flags,
-                            overrides=params["overrides"])
+                            overrides=params["overrides"], sources=sources)
         except ConfigError as exc:
             raise JobAbort(str(exc)) from None
         run_ctx = RunContext(progress=not params["no_progress"] and not params["print_config"], verbose=verbose)
         try:
             result = run_job(spec.name, data, smoke=params["smoke"], ctx=run_ctx,
-                             source=params["config_path"] or "command line", print_config=params["print_config"])
+                             source=params["config_path"] or "command line", print_config=params["print_config"],
+                             sources=sources)
         except (LayoutError, ConfigError) as exc:
             raise JobAbort(str(exc)) from None
         if result is None:

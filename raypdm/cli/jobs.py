@@ -13,6 +13,7 @@ Config classes and run functions are named by import path and imported only when
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,16 @@ def _protect_smoke(data: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, ValueError):
         fields = {}
     options = {k: v for k, v in {"steps": 2, "resample": False, "iterations": 1, "surrogate_steps": 1}.items() if k in fields}
+    from raypdm.protect.base import ImageProtectOptions, parse_fraction
+
+    model = protection_options_model(str(data.get("method") or "advdm").replace("-", "_")) if fields else None
+    if model is not None and issubclass(model, ImageProtectOptions):
+        # Two steps that still reach the radius (K·α ≥ r): a smoke protection as strong as the one it names.
+        given = (data.get("options") or {}).get("radius", fields["radius"].default)
+        try:
+            options["step"] = f"{math.ceil(round(parse_fraction(given) * 255, 6) / 2)}/255"
+        except ValueError:
+            pass  # the config's own validation names the bad radius
     return {**_tiny(data), "workers": 1, "lpips_backbone": "random", "options": options}
 
 
@@ -243,7 +254,8 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec(
         name="sample", summary="Decoupled negative-guidance sampling (paper Eq. 6) of every trained identity.",
         config="raypdm.pipelines.sample:SampleJobConfig", run="raypdm.cli.runs:run_sample", smoke=_sample_smoke,
-        flags=(Flag("--w-neg", ("sampling.w",), type=click.FLOAT, help="decoupled guidance weight w of Eq. 6 [7.5]"),
+        flags=(Flag("--w-neg", ("sampling.w",), type=click.FLOAT,
+                    help="decoupled guidance weight w of Eq. 6; guidance_scale = 1 + w [6.5: the paper's CFG 7.5]"),
                Flag("--num-images", ("sampling.num_images",), type=click.INT, help="images per prompt [16]"),
                Flag("--steps", ("sampling.steps",), type=click.INT, help="denoising steps [100]"),
                Flag("--prompts", ("sampling.prompts",), multiple=True,

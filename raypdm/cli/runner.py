@@ -1,10 +1,11 @@
 """Running a job from the table: layers -> validated config -> pre-flight -> Ray -> run -> tables.
 
-    yaml (--config) < smoke (--smoke: the table's smoke settings, then the YAML's `smoke:` section)
+    model defaults < protocol (--protocol paper|official-code: raypdm/protocols.py) < yaml (--config)
+        < smoke (--smoke: the table's smoke settings, then the YAML's `smoke:` section)
         < flags < --set key=value                    (raypdm.config.merge_layers)
     -> smoke inputs named (a synthetic dataset under the output when a smoke run has none)
     -> validated config: every path absolute, every error with its full field path
-    -> --print-config: the resolved YAML, then exit
+    -> --print-config: the resolved YAML, each value commented with the layer it came from, then exit
     -> pre-flight, before Ray starts: every weight file the job will read is present
     -> the output root's lock (one writer per output: raypdm/data/lock.py)
     -> quiet Ray, the job's run function, its terminal tables
@@ -21,9 +22,9 @@ import click
 
 from raypdm.cli.jobs import JobSpec, get_job, required_weights
 from raypdm.cli.runs import JobResult, RunContext
-from raypdm.config import ConfigError, merge_layers, read_yaml, validate_config
+from raypdm.config import ConfigError, merge_layers, parse_overrides, read_yaml, validate_config
 
-__all__ = ["JobAbort", "job_data", "resolve_job_config", "preflight", "run_job"]
+__all__ = ["JobAbort", "annotated_yaml", "job_data", "resolve_job_config", "preflight", "run_job"]
 
 
 class JobAbort(click.ClickException):
@@ -36,17 +37,103 @@ class JobAbort(click.ClickException):
 
 
 def job_data(spec: JobSpec, *, config_path: str | None = None, smoke: bool = False,
-             flags: dict[str, Any] | None = None, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """The job's raw config data from its layers (see the module docstring)."""
+             flags: dict[str, Any] | None = None, overrides: tuple[str, ...] | list[str] = (),
+             sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's raw config data from its layers (see the module docstring). `sources`, when given, is
+    filled with each set value's dot path -> the layer that set it last (for `--print-config`)."""
+    from raypdm.config import deep_merge
+    from raypdm.protocols import DEFAULT_PROTOCOL, protocol_layer
+
     yaml_data = read_yaml(config_path) if config_path else {}
     smoke_layer: dict[str, Any] = {}
     if smoke:
-        from raypdm.config import deep_merge
-
         # What the smoke settings adapt to (the purifier chain, the method) comes from every layer.
         seen = merge_layers(yaml_data=yaml_data, smoke=yaml_data.get("smoke"), flags=flags, overrides=overrides)
         smoke_layer = deep_merge(spec.smoke(seen), yaml_data.get("smoke") or {})
-    return merge_layers(yaml_data=yaml_data, smoke=smoke_layer, flags=flags, overrides=overrides)
+    data = merge_layers(yaml_data=yaml_data, smoke=smoke_layer, flags=flags, overrides=overrides)
+    protocol = data.get("protocol", DEFAULT_PROTOCOL)
+    base = protocol_layer(spec.config_class(), protocol) if isinstance(protocol, str) else {}
+    if sources is not None:
+        layers = [(f"protocol {protocol}", base), (f"config {config_path}", {k: v for k, v in yaml_data.items()
+                                                                              if k != "smoke"}),
+                  ("--smoke", smoke_layer), ("flag", {k: v for k, v in (flags or {}).items() if v is not None}),
+                  ("--set", parse_overrides(overrides) if overrides else {})]
+        for name, layer in layers:
+            for path in _leaf_paths(layer):
+                sources[path] = name
+    return deep_merge(base, data)
+
+
+def _leaf_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += _leaf_paths(value, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def _model_default(model: Any, path: str) -> Any:
+    """The model default at a dot path (JSON form), or `_UNKNOWN` (a required field, a list item...)."""
+    node: Any = None
+    for part in path.split("."):
+        if model is not None and part in getattr(model, "model_fields", {}):
+            info = model.model_fields[part]
+            if info.is_required():
+                return _REQUIRED  # no layer set it, so the job filled it in (smoke inputs)
+            node = info.get_default(call_default_factory=True)
+            if hasattr(node, "model_dump"):
+                node = node.model_dump(mode="json")
+            model = info.annotation if isinstance(info.annotation, type) else None
+        elif isinstance(node, dict) and part in node:
+            node, model = node[part], None
+        else:
+            return _UNKNOWN
+    return node
+
+
+_UNKNOWN, _REQUIRED = object(), object()
+
+
+def annotated_yaml(data: dict[str, Any], sources: dict[str, str], model: Any = None) -> str:
+    """The resolved config as YAML (it loads back to the same config), every value commented with where it
+    came from: a layer of `sources` (the value's own path or a section above it), else "default" when it
+    is `model`'s default and "derived" when the config computed it (smoke inputs, steps from a radius)."""
+    import yaml
+
+    def source(path: str, value: Any) -> str:
+        parts = path.split(".")
+        for i in range(len(parts), 0, -1):
+            hit = sources.get(".".join(parts[:i]))
+            if hit:
+                return hit
+        if model is None:
+            return "default"
+        default = _model_default(model, path)
+        if default is _REQUIRED:
+            return "derived"
+        return "default" if default is _UNKNOWN or default == value else "derived"
+
+    def scalar(value: Any) -> str:
+        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True, sort_keys=False)
+        return text.removesuffix("\n...\n").strip()
+
+    lines: list[str] = []
+
+    def walk(node: dict[str, Any], prefix: str, indent: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            name = scalar(key)
+            if isinstance(value, dict) and value:
+                lines.append(f"{indent}{name}:")
+                walk(value, path + ".", indent + "  ")
+            else:
+                lines.append(f"{indent}{name}: {scalar(value)}  # {source(path, value)}")
+
+    walk(data, "", "")
+    return "\n".join(lines) + "\n"
 
 
 def resolve_job_config(spec: JobSpec, data: dict[str, Any], *, smoke: bool, make_inputs: bool, source: str):
@@ -66,7 +153,8 @@ def preflight(spec: JobSpec, cfg) -> None:
 
 
 def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunContext | None = None,
-            source: str = "command line", print_config: bool = False) -> JobResult | None:
+            source: str = "command line", print_config: bool = False,
+            sources: dict[str, str] | None = None) -> JobResult | None:
     """Validate `data` as job `name`'s config, check its weights, and run it on Ray (started if needed)."""
     spec = get_job(name)
     ctx = ctx or RunContext()
@@ -75,7 +163,7 @@ def run_job(name: str, data: dict[str, Any], *, smoke: bool = False, ctx: RunCon
     except ConfigError as exc:
         raise JobAbort(str(exc)) from None
     if print_config:
-        click.echo(cfg.to_yaml(), nl=False)
+        click.echo(annotated_yaml(cfg.model_dump(mode="json"), sources or {}, type(cfg)), nl=False)
         return None
     from raypdm.data.roots import RootOverlapError, check_apart, read_roots
 

@@ -46,7 +46,9 @@ class RedteamSampling(StrictModel):
     num_images: int = Field(16, ge=1)
     steps: int = Field(100, ge=1, le=1000)
     size: int = Field(512, ge=8, le=2048)
-    w: float = Field(7.5, ge=0)
+    w: float = Field(6.5, ge=0, description="Eq. 6 weight (guidance_scale = 1 + w: 6.5 is the paper's CFG 7.5)")
+    scheduler: Literal["model", "ddim", "dpm", "euler", "pndm"] = Field(
+        "pndm", description="sampler (pndm: SD 2.1-base's own; model: the export's DDPM schedule)")
     batch_size: int = Field(8, ge=1)
 
 
@@ -77,6 +79,8 @@ class RedteamConfig(JobConfig):
                           "None: every purifier × mode")
     preset: Literal["tiny", "full"] = "tiny"
     weights_dir: Uri | None = None
+    prompt_preset: Literal["paper", "official-code"] = Field(
+        "paper", description="CDL prompt strings of every fine-tune (raypdm/train/prompts.py)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     class_prior: ClassPriorSection = Field(default_factory=ClassPriorSection)
@@ -171,7 +175,8 @@ def smoke_overrides() -> dict[str, Any]:
     jobs/configs/redteam.yaml's `smoke:` section says the same (a test keeps them equal)."""
     return {
         "preset": "tiny", "weights_dir": None,
-        "protections": [{"name": "advdm", "options": {"steps": 2, "resample": False}}],
+        # two steps of 6/255 still reach the 11/255 radius (K·α ≥ r)
+        "protections": [{"name": "advdm", "options": {"steps": 2, "step": "6/255", "resample": False}}],
         "purifiers": ["none", "codesr"],
         "purifier_options": {"sr": {"steps": 2}},
         "modes": ["cdl", "vanilla"],
@@ -257,6 +262,7 @@ class RedteamPlan:
         return TrainJobConfig(
             data=self.purified_uri(cell.protection, cell.purifier), output=join(c.output, "train", cell.path()),
             identities=c.identities, preset=c.preset, weights_dir=c.weights_dir, cdl=cell.mode == "cdl",
+            prompt_preset=c.prompt_preset, protocol=c.protocol,
             train=c.train.model_copy(update={"seed": cell.seed}), distributed=c.distributed,
             # One content-keyed cache for every cell: cells with the same prior settings generate it once.
             class_prior=c.class_prior if c.class_prior.cache else
@@ -268,9 +274,9 @@ class RedteamPlan:
 
         c, s = self.cfg, self.cfg.sampling
         return SampleJobConfig(models=join(c.output, "train", cell.path()), output=join(c.output, "sample", cell.path()),
-                               identities=c.identities, workers=c.workers, batch_size=s.batch_size,
+                               protocol=c.protocol, identities=c.identities, workers=c.workers, batch_size=s.batch_size,
                                sampling={"num_images": s.num_images, "steps": s.steps, "w": s.w, "height": s.size,
-                                         "width": s.size, "seed": cell.seed})
+                                         "width": s.size, "seed": cell.seed, "scheduler": s.scheduler})
 
     def evaluate_config(self, cell: _Cell):
         from raypdm.pipelines.evaluate import EvaluateConfig

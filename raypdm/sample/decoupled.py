@@ -8,7 +8,9 @@ pattern"), c_neg the negative prompt ("noisy, abstract, pattern, low quality"), 
 Mapping to classifier-free guidance: diffusers computes ε_u + s·(ε_c − ε_u) = s·ε_c − (s − 1)·ε_u, so
 Eq. 6 is CFG with s = 1 + w and c_neg in the unconditional slot (`cfg_scale_for`). w = 0 is plain
 conditional sampling: s = 1 turns guidance off in diffusers and the negative prompt is never encoded.
-The paper's "w = 7.5" is therefore a diffusers `guidance_scale` of 8.5, not 7.5.
+The paper's App. A.2 ("CFG 7.5") and its public code call the pipeline with `guidance_scale=7.5`, which is
+Eq. 6 with w = 6.5 — the default of both protocols (raypdm/protocols.py). Eq. 6's "w = 7.5", read
+literally, would be s = 8.5 (`--set sampling.w=7.5`). Tested in tests/unit/test_protocols.py.
 
 The sampler calls the diffusers pipeline with exactly those arguments rather than re-implementing the
 loop; the unit tests record one denoising step and check the guided noise is Eq. 6 of the per-prompt
@@ -137,7 +139,8 @@ class SamplingConfig(StrictModel):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
     num_images: int = Field(16, ge=1, description="images per prompt")
     steps: int = Field(100, ge=1, le=1000, description="denoising steps")
-    w: float = Field(7.5, ge=0.0, allow_inf_nan=False, description="Eq. 6 weight; diffusers guidance_scale = 1 + w")
+    w: float = Field(6.5, ge=0.0, allow_inf_nan=False,
+                     description="Eq. 6 weight; diffusers guidance_scale = 1 + w (6.5: the paper's CFG 7.5)")
     cdl_prompts: CDLPrompts = Field(
         default_factory=CDLPrompts,
         description="token, CDL flag, suffix and negative-prompt templates (must match the training run)",
@@ -146,7 +149,8 @@ class SamplingConfig(StrictModel):
     width: int = Field(512, ge=8, le=2048)
     seed: int = Field(0, ge=0, description="base seed; each image's seed is seeds_for(seed, identity, prompt, i)")
     scheduler: Literal["model", "ddim", "dpm", "euler", "pndm"] = Field(
-        "model", description="'model' = the model's own scheduler; others are built from its config"
+        "pndm", description="pndm: SD 2.1-base's own sampler (the paper's); 'model' = the export's scheduler (the "
+                            "training DDPM schedule); others are built from its config"
     )
     batch_size: int = Field(8, ge=1, description="images per pipeline call")
     noise_device: Literal["device", "cpu"] = Field("device", description="where the per-image generators live")

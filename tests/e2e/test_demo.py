@@ -101,7 +101,7 @@ def test_every_stage_wrote_what_it_should(demo):
     ours = rt / "sample" / "advdm" / "codesr" / "cdl" / "seed0"
     samples = Manifest(str(ours)).read().to_pylist()
     # 2 identities x 2 prompts x `sample_images` (2)
-    assert len(samples) == 2 * 2 * 2 and all(r["error"] is None for r in samples) and {r["w"] for r in samples} == {7.5}
+    assert len(samples) == 2 * 2 * 2 and all(r["error"] is None for r in samples) and {r["w"] for r in samples} == {6.5}
     scores = Manifest(str(rt / "evaluate" / "advdm" / "codesr" / "cdl" / "seed0")).read().to_pandas()
     assert len(scores) == len(samples) and {"ims", "q", "face_found"} <= set(scores.columns)
     assert (rt / "mismatch" / "mismatch.png").exists()

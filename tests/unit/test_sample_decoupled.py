@@ -89,7 +89,9 @@ def test_prompts():
     assert positive_prompt(PROMPT, token="bhj", templates=official) == expected
     cfg = SamplingConfig()
     assert cfg.prompts == [PROMPT, "a smiling photo of sks person"]
-    assert (cfg.num_images, cfg.steps, cfg.w, cfg.cfg_scale, cfg.height) == (16, 100, 7.5, 8.5, 512)
+    # the paper's evaluation: 16 × 100 steps of SD 2.1-base's PNDM at CFG 7.5 (w = 6.5, raypdm/protocols.py)
+    assert (cfg.num_images, cfg.steps, cfg.w, cfg.cfg_scale, cfg.height, cfg.scheduler) == (
+        16, 100, 6.5, 7.5, 512, "pndm")
     assert cfg.positive(PROMPT) == C_POS and cfg.negative() == C_NEG
     assert SamplingConfig(w=0).negative() is None  # unused at w = 0
     assert SamplingConfig(cdl_prompts=official).negative() == "noisy, lowres, artifact, pattern"
@@ -134,7 +136,7 @@ def test_config_validation_names_the_field():
 
 def test_w0_is_plain_conditional_sampling(pipe):
     seeds = [5, 6]
-    sampler = DecoupledSampler(pipe, small(w=0.0))
+    sampler = DecoupledSampler(pipe, small(w=0.0, scheduler="model"))  # the pipeline's own scheduler, as below
     got = sampler.sample(PROMPT, seeds)
     plain = pipe(
         prompt=[C_POS] * 2,
@@ -150,10 +152,10 @@ def test_w0_is_plain_conditional_sampling(pipe):
     for g, p in zip(got, plain, strict=True):
         np.testing.assert_array_equal(g, p)
     # the negative prompt has no effect at w = 0
-    other_neg = small(w=0.0, cdl_prompts={"negative_prompt": "something else entirely"})
+    other_neg = small(w=0.0, scheduler="model", cdl_prompts={"negative_prompt": "something else entirely"})
     np.testing.assert_array_equal(DecoupledSampler(pipe, other_neg).sample(PROMPT, seeds)[0], got[0])
     # ... and guidance does change the image
-    assert not np.array_equal(DecoupledSampler(pipe, small(w=7.5)).sample(PROMPT, seeds)[0], got[0])
+    assert not np.array_equal(DecoupledSampler(pipe, small(w=7.5, scheduler="model")).sample(PROMPT, seeds)[0], got[0])
 
 
 def test_one_guided_step_is_eq6(pipe, parts, monkeypatch):
