@@ -66,7 +66,14 @@ class SweepProgress(Callback):
         line = f"trials {done}/{self.total} done" + (f" ({errors} error{'s' * (errors != 1)})" if errors else "")
         if self.best is not None:
             score, config = self.best
-            what = ", ".join(f"{k} {v!r}" for k, v in config.items() if k in ("token", "template", "data"))
+            from raypdm.search.space import noise_of
+
+            try:
+                token, template = noise_of(config)
+                point = {"token": token, "template": template, "data": config.get("data")}
+            except (KeyError, ValueError):
+                point = config
+            what = ", ".join(f"{k} {v!r}" for k, v in point.items() if k in ("token", "template", "data") and v)
             line += f", best {self.metric} so far {score:.3f}: {what}"
         (self.log or _progress_line)(line)
 

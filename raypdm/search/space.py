@@ -1,33 +1,80 @@
-"""The noise-token search space: tokens (listed, preset, or generated), suffix templates, guidance
-weights, negative prompts and training-data variants.
+"""The noise-token search space: tokens (listed, preset, or generated) × suffix templates, whole noise
+phrases (the paper's Table 5), guidance weights, negative prompts and training-data variants.
 
-A token and a template change the fine-tune (they are in the instance and class prompts); a guidance
-weight w and a negative prompt change only sampling. So tokens, templates and data variants are Ray Tune
-dimensions, while every (w, negative prompt) pair is evaluated inside each trial from the same trained
-model (see `raypdm.search.trial`).
+A noise candidate — a (token, template) pair — changes the fine-tune (it is in the instance and class
+prompts); a guidance weight w and a negative prompt change only sampling. So candidates and data
+variants are Ray Tune dimensions (`noise`: each candidate as a JSON pair, a plain string that grid, random
+and Optuna search all accept; `data`), while every (w, negative prompt) pair is evaluated inside each trial
+from the same trained model (see `raypdm.search.trial`).
+
+A *phrase* is the paper's V_N* written whole, e.g. "xjy image imperfection": its first word is the token
+and the rest follows it, so the instance prompt gets "with xjy image imperfection" and the class prompt
+"without xjy image imperfection" (`phrase_candidate`). Table 5's 15 phrases are pairs, not a product of
+5 tokens × 11 endings, so they are their own list (`phrase_preset: table5`). CLIP's tokenizer lowercases
+its input and splits it at punctuation: "UNKNOWN face degradation" reaches the model as the common word
+"unknown", and "t@j" as the three words t, @, j — as in the paper's runs (same tokenizer).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
 import string
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from raypdm.config import StrictModel, Uri
 
-__all__ = ["TOKEN_PRESETS", "SearchSpace", "class_suffix_for", "generated_tokens", "rare_tokens", "random_tokens"]
+__all__ = ["PHRASE_PRESETS", "TABLE5_PHRASES", "TOKEN_PRESETS", "SearchSpace", "class_suffix_for", "generated_tokens",
+           "noise_of", "phrase_candidate", "rare_tokens", "random_tokens"]
 
-# Tokens named in the paper's text. Its Table 5 compares 15 (token, phrase) pairs; "t@j noisy pattern"
-# is the best and "bhi noisy perturbation" the worst. Only these two, the public code's "bhj" and the
-# DreamBooth identifier "sks" are spelled out in material available offline, so this preset holds those;
-# add the rest of Table 5 through `tokens:` in a config.
+# The paper's Table 5 (paper_tables.md), ranked by Avg.: "t@j noisy pattern" best, "bhi noisy perturbation"
+# worst. Each is one whole noise phrase V_N*, spelled as the paper wrote it.
+TABLE5_PHRASES: tuple[str, ...] = (
+    "t@j noisy pattern",
+    "xjy image imperfection",
+    "xjy visual interference",
+    "xjy visual distortion",
+    "xjy image artifact",
+    "xjy digital glitch",
+    "UNKNOWN face degradation",
+    "xjy image disturbance",
+    "xjy image corruption",
+    "xjy image degradation",
+    "UNKNOWN noisy pattern",
+    "xjy visual anomaly",
+    "XX noisy artifact",
+    "xjy visual noise",
+    "bhi noisy perturbation",
+)
+PHRASE_PRESETS: dict[str, tuple[str, ...]] = {"table5": TABLE5_PHRASES}
+# The tokens of Table 5's phrases, the public code's "bhj" and the DreamBooth identifier "sks" (each with
+# every template of the space).
 TOKEN_PRESETS: dict[str, list[str]] = {
-    "paper": ["t@j", "bhi", "bhj", "sks"],
+    "paper": ["t@j", "xjy", "UNKNOWN", "XX", "bhi", "bhj", "sks"],
 }
 DEFAULT_TEMPLATES = ("with {token} noisy pattern",)
 _RANDOM_ALPHABET = string.ascii_lowercase + string.digits + "@#$%&*"
+
+
+def phrase_candidate(phrase: str) -> tuple[str, str]:
+    """A whole noise phrase as a (token, instance-suffix template) pair: "xjy image imperfection" ->
+    ("xjy", "with {token} image imperfection"). Errors name the phrase."""
+    words = phrase.split()
+    if not words or phrase != phrase.strip() or "{" in phrase or "}" in phrase:
+        raise ValueError(f"noise phrase {phrase!r} must be non-empty words without outer spaces or braces")
+    return words[0], " ".join(["with {token}", *words[1:]])
+
+
+def noise_of(config: dict[str, Any]) -> tuple[str, str]:
+    """A trial config's (token, template): from its `noise` pair, or from `token`/`template` (a sweep
+    started before candidates were pairs, restored)."""
+    if "noise" in config:
+        token, template = json.loads(config["noise"])
+        return str(token), str(template)
+    return config["token"], config["template"]
 
 
 def class_suffix_for(template: str) -> str:
@@ -76,8 +123,11 @@ def generated_tokens(space: SearchSpace, tokenizer=None) -> list[str]:
 
 
 class SearchSpace(StrictModel):
-    tokens: list[str] = Field(default_factory=list, description="noise tokens to try")
+    tokens: list[str] = Field(default_factory=list, description="noise tokens to try (each with every template)")
     token_preset: str | None = Field(None, description=f"add a preset list: {sorted(TOKEN_PRESETS)}")
+    phrases: list[str] = Field(default_factory=list,
+                               description="whole noise phrases, e.g. 'xjy image imperfection' (first word = token)")
+    phrase_preset: Literal["table5"] | None = Field(None, description="add the paper's 15 Table 5 phrases")
     rare_tokens: int = Field(0, ge=0, le=1000, description="add N rare tokenizer tokens")
     random_tokens: int = Field(0, ge=0, le=1000, description="add N random short strings")
     random_length: int = Field(3, ge=1, le=12)
@@ -96,6 +146,13 @@ class SearchSpace(StrictModel):
         for t in v:
             if not t.strip() or t != t.strip() or "{" in t or "}" in t:
                 raise ValueError(f"token {t!r} must be non-empty, without outer spaces or braces")
+        return v
+
+    @field_validator("phrases")
+    @classmethod
+    def _clean_phrases(cls, v: list[str]) -> list[str]:
+        for p in v:
+            phrase_candidate(p)
         return v
 
     @field_validator("token_preset")
@@ -122,8 +179,10 @@ class SearchSpace(StrictModel):
 
     @model_validator(mode="after")
     def _some_token(self) -> SearchSpace:
-        if not (self.tokens or self.token_preset or self.rare_tokens or self.random_tokens):
-            raise ValueError("the search needs candidates: tokens, token_preset, rare_tokens or random_tokens")
+        if not (self.tokens or self.token_preset or self.rare_tokens or self.random_tokens or self.phrases
+                or self.phrase_preset):
+            raise ValueError("the search needs candidates: tokens, token_preset, rare_tokens, random_tokens, "
+                             "phrases or phrase_preset")
         return self
 
     def w_values(self) -> list[float]:
@@ -139,11 +198,21 @@ class SearchSpace(StrictModel):
         out = list(self.tokens) + list(TOKEN_PRESETS.get(self.token_preset or "", [])) + generated_tokens(self, tokenizer)
         return list(dict.fromkeys(out))
 
+    def candidate_phrases(self) -> list[str]:
+        return list(dict.fromkeys([*self.phrases, *PHRASE_PRESETS.get(self.phrase_preset or "", ())]))
+
+    def candidates(self, tokenizer=None) -> list[tuple[str, str]]:
+        """Every (token, template) to fine-tune: tokens × templates, then each phrase's own pair."""
+        pairs = list(itertools.product(self.candidate_tokens(tokenizer), self.templates))
+        pairs += [phrase_candidate(p) for p in self.candidate_phrases()]
+        return list(dict.fromkeys(pairs))
+
     def tune_space(self, tokenizer, search: str, data_names: list[str]) -> dict[str, Any]:
         """Ray Tune's param_space: grid_search for a grid, choice for random/Optuna."""
         from ray import tune
 
-        dims = {"token": self.candidate_tokens(tokenizer), "template": list(self.templates), "data": data_names}
+        noise = [json.dumps([token, template], ensure_ascii=False) for token, template in self.candidates(tokenizer)]
+        dims = {"noise": noise, "data": data_names}
         if search == "grid":
             return {k: tune.grid_search(v) for k, v in dims.items()}
         return {k: tune.choice(v) for k, v in dims.items()}

@@ -221,6 +221,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> dict[str, Any]:
 def _trial_table(grid, reports_per_trial: int):
     import pandas as pd
 
+    from raypdm.search.space import noise_of
     from raypdm.search.trial import trial_key
 
     rows = []
@@ -229,9 +230,13 @@ def _trial_table(grid, reports_per_trial: int):
         m = res.metrics or {}
         # A trial that reported carries its key; one that failed before its first report wrote no rows,
         # so its point in the space is enough to label its error row.
-        key = m.get("trial") or (trial_key(cfg) if all(k in cfg for k in ("token", "template", "data")) else "")
+        try:
+            token, template = noise_of(cfg)
+        except (KeyError, ValueError):
+            token = template = None
+        key = m.get("trial") or (trial_key(cfg) if token is not None and "data" in cfg else "")
         status = "error" if res.error is not None else ("done" if m.get("final") else "stopped")
-        rows.append({"trial": key, "token": cfg.get("token"), "template": cfg.get("template"), "data": cfg.get("data"),
+        rows.append({"trial": key, "token": token, "template": template, "data": cfg.get("data"),
                      "status": status, "score": m.get("score", math.nan), "best_w": m.get("best_w", math.nan),
                      "steps_trained": m.get("steps_trained", 0), "reports": m.get("training_iteration", 0),
                      "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}"[:2000]})

@@ -34,7 +34,10 @@ def trial_key(config: dict[str, Any], trial_id: str | None = None) -> str:
     """The trial's identity across restarts: its point in the search space plus Tune's trial id. The id
     keeps apart two trials that draw the same point (Optuna repeats, `num_samples > 1`), whose parts would
     otherwise land in one folder; Tune keeps a trial's id across failures and `Tuner.restore`."""
-    point = config_hash({k: config[k] for k in ("token", "template", "data")}, length=12)
+    from raypdm.search.space import noise_of
+
+    token, template = noise_of(config)
+    point = config_hash({"token": token, "template": template, "data": config["data"]}, length=12)
     return f"{point}-{trial_id}" if trial_id else point
 
 
@@ -101,7 +104,7 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report, trial_id
     from raypdm.metrics.quality import QualityScorer
     from raypdm.pipelines.evaluate import _reference_images
     from raypdm.sample.decoupled import DecoupledSampler, SamplingConfig, seeds_for
-    from raypdm.search.space import class_suffix_for
+    from raypdm.search.space import class_suffix_for, noise_of
     from raypdm.train.distributed import _read_class_images
     from raypdm.train.dreambooth import DreamBoothTrainer
     from raypdm.train.prompts import cdl_prompts
@@ -109,7 +112,7 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report, trial_id
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     key = trial_key(config, trial_id)
-    token, template, data_name = config["token"], config["template"], config["data"]
+    (token, template), data_name = noise_of(config), config["data"]
     data_uri = sweep.data_uris()[data_name]
     prompts = cdl_prompts(sweep.prompt_preset, token=token, instance_suffix=" " + template.strip(),
                           class_suffix=" " + class_suffix_for(template))

@@ -1,5 +1,6 @@
 """The noise-token search space and the sweep's result handling (no Ray)."""
 
+import json
 import math
 import os
 
@@ -44,9 +45,12 @@ def test_space_validation_names_the_field():
 def test_tune_space_grid_and_choice():
     space = SearchSpace(tokens=["a1", "b2"], templates=["with {token} noisy pattern"])
     grid = space.tune_space(None, "grid", ["default"])
-    assert grid["token"] == {"grid_search": ["a1", "b2"]}
+    pairs = [["a1", "with {token} noisy pattern"], ["b2", "with {token} noisy pattern"]]
+    assert [json.loads(v) for v in grid["noise"]["grid_search"]] == pairs
     rnd = space.tune_space(None, "random", ["default"])
-    assert sorted(rnd["token"].categories) == ["a1", "b2"]
+    assert sorted(json.loads(v) for v in rnd["noise"].categories) == pairs
+    # every candidate is a plain string: Optuna's categorical distributions take nothing else
+    assert all(isinstance(v, str) for v in rnd["noise"].categories)
 
 
 def test_objective_and_trial_key():
@@ -95,3 +99,83 @@ def test_sweep_config_needs_data():
     cfg = SweepConfig(output="o", reference="r", data="d", space={"tokens": ["a1"], "data": {"x": "e"}})
     # Relative paths are absolute from the config on (against the working directory).
     assert cfg.data_uris() == {"default": os.path.abspath("d"), "x": os.path.abspath("e")}
+
+
+# ---- the paper's Table 5 phrases (issue 32 part 5)
+
+
+def _table5_from_the_reference() -> list[str]:
+    """The phrases as ../shared/reference/paper_tables.md prints them (when the reference is at hand)."""
+    from pathlib import Path
+
+    ref = Path(__file__).resolve().parents[3] / "shared" / "reference" / "paper_tables.md"
+    if not ref.is_file():
+        pytest.skip("the paper's tables are not beside this checkout")
+    text = ref.read_text(encoding="utf-8").split("## Table 5")[1].split("\n## ")[0]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "IMS" not in line]
+    return [line.split("|")[1].strip() for line in rows]
+
+
+def test_all_fifteen_table5_phrases_ship_in_the_papers_order():
+    from raypdm.search.space import TABLE5_PHRASES
+
+    assert len(TABLE5_PHRASES) == 15 and len(set(TABLE5_PHRASES)) == 15
+    assert TABLE5_PHRASES[0] == "t@j noisy pattern" and TABLE5_PHRASES[-1] == "bhi noisy perturbation"
+    assert list(TABLE5_PHRASES) == _table5_from_the_reference()
+
+
+def test_a_phrase_is_one_token_and_its_own_template():
+    from raypdm.search.space import phrase_candidate
+
+    assert phrase_candidate("bhi noisy perturbation") == ("bhi", "with {token} noisy perturbation")
+    assert phrase_candidate("xjy image imperfection") == ("xjy", "with {token} image imperfection")
+    assert phrase_candidate("t@j") == ("t@j", "with {token}")
+    for bad in ("", " t@j noisy", "t@j {x}"):
+        with pytest.raises(ValueError, match="noise phrase"):
+            phrase_candidate(bad)
+    with pytest.raises(ValueError, match="noise phrase"):
+        SearchSpace(phrases=["t@j {token}"])
+
+
+def test_phrase_preset_adds_fifteen_pairs_not_a_product():
+    from raypdm.search.space import TABLE5_PHRASES, phrase_candidate
+
+    space = SearchSpace(phrase_preset="table5")
+    pairs = space.candidates()
+    assert pairs == [phrase_candidate(p) for p in TABLE5_PHRASES]  # 15, not 5 tokens × 11 endings
+    grid = space.tune_space(None, "grid", ["default"])
+    assert len(grid["noise"]["grid_search"]) == 15
+    both = SearchSpace(tokens=["t@j"], phrase_preset="table5").candidates()
+    assert len(both) == 15  # "t@j" × the default template is Table 5's first phrase: counted once
+
+
+@pytest.mark.parametrize("phrase", [
+    "t@j noisy pattern", "xjy image imperfection", "UNKNOWN face degradation", "XX noisy artifact",
+    "bhi noisy perturbation"])
+def test_phrases_reach_the_prompts_and_the_tokenizer_as_written(phrase):
+    from raypdm.models.tokenizer import tiny_clip_tokenizer
+    from raypdm.search.space import class_suffix_for, phrase_candidate
+    from raypdm.train.prompts import cdl_prompts
+
+    token, template = phrase_candidate(phrase)
+    # what the trial builds (raypdm/search/trial.py)
+    prompts = cdl_prompts("paper", token=token, instance_suffix=" " + template, class_suffix=" " + class_suffix_for(template))
+    assert prompts.instance_prompt() == f"a photo of sks person with {phrase}"
+    assert prompts.class_prompt() == f"a photo of a person without {phrase}"
+    assert prompts.sampling_prompt("a photo of sks person") == f"a photo of sks person without {phrase}"
+    tok = tiny_clip_tokenizer()
+    ids = tok(prompts.instance_prompt())["input_ids"]
+    # Nothing lost or replaced on the way in. CLIP lowercases ("UNKNOWN" is the word "unknown") and splits at
+    # punctuation ("t@j" is three words to it: t, @, j), so compare without the spaces decoding puts back.
+    decoded = tok.decode(ids, skip_special_tokens=True)
+    assert "".join(decoded.split()) == "".join(f"a photo of sks person with {phrase}".lower().split())
+    assert tok.unk_token_id not in ids[1:-1]  # (CLIP's unk is its end-of-text token, last)
+
+
+def test_trial_keys_of_pairs_and_of_restored_token_template_configs_agree():
+    from raypdm.search.space import noise_of
+
+    new = {"noise": json.dumps(["t@j", "with {token} noisy pattern"]), "data": "default"}
+    old = {"token": "t@j", "template": "with {token} noisy pattern", "data": "default"}
+    assert noise_of(new) == noise_of(old) == ("t@j", "with {token} noisy pattern")
+    assert trial_key(new, "x_1") == trial_key(old, "x_1")
