@@ -35,7 +35,8 @@ NOISE = [
 
 
 def fresh_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "RAY_ADDRESS"))}
+    # A user's shell: nothing this test process set for itself (pytest's, a Ray address, fsspec defaults).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "RAY_ADDRESS", "FSSPEC_"))}
     ray_tmp = tempfile.mkdtemp(prefix="rp-", dir="/tmp")
     atexit.register(shutil.rmtree, ray_tmp, True)
     env.update(TORCH_HOME=str(tmp_path / "torch-home"), HF_HOME=str(tmp_path / "hf-home"),

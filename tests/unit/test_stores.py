@@ -32,7 +32,11 @@ def test_a_missing_file_says_so(tmp_path):
 def test_options_become_fsspec_defaults_here_and_in_the_environment_workers_inherit(tmp_path, monkeypatch):
     monkeypatch.setattr(fsspec.config, "conf", {})
     for name in ("FSSPEC_S3", "FSSPEC_S3A"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch records the variable's original state only when it touches one that
+        # exists, and apply_storage_options below sets it in os.environ, which must not outlive this test
+        # (an endpoint of 127.0.0.1:9 leaked into every later subprocess of this xdist worker).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     path = tmp_path / "creds.yaml"
     path.write_text(f"s3:\n  endpoint_url: http://127.0.0.1:9\n  key: k\n  secret: {SECRET}\n")
     apply_storage_options(load_storage_options(str(path)))
