@@ -67,6 +67,15 @@ class TrainJobConfig(JobConfig):
         return check_backends(v)
 
     @model_validator(mode="after")
+    def _weights_need_full(self) -> TrainJobConfig:
+        # Every model is loaded from a weights dir only at the full preset (raypdm/models/context.py); a
+        # tiny run with a weights dir would silently fine-tune random weights.
+        if self.weights_dir and self.preset != "full":
+            raise ValueError("weights_dir is read only at preset full (the tiny preset fine-tunes seeded random "
+                             "weights): add --preset full, or drop --weights-dir")
+        return self
+
+    @model_validator(mode="after")
     def _mlflow_store(self) -> TrainJobConfig:
         if "mlflow" in self.log_to and not self.tracking.mlflow_tracking_uri:
             from raypdm.train.loggers import default_mlflow_uri

@@ -113,13 +113,7 @@ class AdaptiveCodeSR(PGDImageProtection):
         self.sr_uncond = prompt_embeddings(self.x4, "") if self.options.sr_guidance_scale != 1.0 else None
 
     def _load_codeformer(self):
-        from raypdm.models.codeformer import build_codeformer, codeformer_weight_path, load_codeformer
-        from raypdm.models.registry import get
-
-        if self.context.preset == "full" and self.context.weights_dir:
-            path = codeformer_weight_path(get("codeformer").model_dir(self.context.weights_dir))
-            return load_codeformer(path, self.device, torch.float32)
-        return build_codeformer(self.context.preset, self.device, torch.float32)
+        return self.context.model("codeformer", device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------------------ the purifier
 

@@ -48,6 +48,7 @@ import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from raypdm.config import StrictModel
+from raypdm.models.context import ModelContext
 from raypdm.purify.base import check_image, default_device
 
 __all__ = [
@@ -160,13 +161,8 @@ class ImageProtectOptions(ProtectOptions, frozen=True):
         return {**data, "steps": budget_steps(radius, step)}
 
 
-@dataclasses.dataclass(frozen=True)
-class ProtectContext:
-    """What a protection may need besides its options: where to run and which weights."""
-
-    device: str = "cpu"
-    preset: str = "tiny"
-    weights_dir: str | None = None
+# What a protection may need besides its options: the one model context every stage shares.
+ProtectContext = ModelContext
 
 
 @dataclasses.dataclass
@@ -202,7 +198,7 @@ def weights_identity(model: str, context: ProtectContext) -> str:
     registry pins contributes that hash, a small file (configs, tokenizer) its bytes, and a large
     unpinned file its size plus its first and last MiB (enough to tell two checkpoints apart).
     """
-    if context.preset != "full" or context.weights_dir is None:
+    if not context.real_weights:
         return f"random:{context.preset}"
     from raypdm.models.registry import get
 

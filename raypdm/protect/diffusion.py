@@ -43,15 +43,10 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model(name: str, context: ProtectContext, device: torch.device):
-    """A registered model bundle: real weights when ``preset == "full"`` and a ``weights_dir`` is set,
-    else seeded random weights of the preset. Float32: sign gradients of half-precision attacks are
-    noisy, and attack cost is dominated by model size, not dtype, at the batch sizes used here."""
-    from raypdm import models
-
-    if context.preset == "full" and context.weights_dir:
-        parts = models.load(name, context.weights_dir, device=device)
-    else:
-        parts = models.build(name, preset=context.preset, device=device)
+    """A registered model bundle from the context (real weights at ``full`` with a weights dir, else the
+    preset's seeded random weights; once per context), frozen. Float32: sign gradients of half-precision
+    attacks are noisy, and attack cost is dominated by model size, not dtype, at the batch sizes used here."""
+    parts = context.model(name, device=device)
     for part in vars(parts).values():
         if isinstance(part, torch.nn.Module):
             freeze(part)

@@ -238,14 +238,9 @@ class SurrogateModel:
 
 
 def load_sd_bundle(model: str, context: ProtectContext, device: torch.device):
-    """A registered SD bundle: real weights for ``preset="full"`` with a ``weights_dir``, else the preset's
-    seeded random weights (the convention of ``raypdm.protect.diffusion.load_model``, minus the freezing:
-    surrogates are trained)."""
-    from raypdm import models
-
-    if context.preset == "full" and context.weights_dir:
-        return models.load(model, context.weights_dir, device=device)
-    return models.build(model, preset=context.preset, device=device)
+    """A registered SD bundle from the context, a private copy (``fresh``): surrogates are trained, so they
+    never share the context's cached, frozen models."""
+    return context.model(model, device=device, fresh=True)
 
 
 # ---------------------------------------------------------------------------------- class priors

@@ -38,6 +38,8 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from raypdm.models.context import ModelContext
+
 __all__ = [
     "BuildContext",
     "ChainPurifier",
@@ -71,13 +73,9 @@ class PurifierOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class BuildContext:
-    """What a purifier may need besides its options; classic purifiers ignore it."""
-
-    device: str = "cpu"
-    preset: str = "tiny"
-    weights_dir: str | None = None
+# What a purifier may need besides its options (classic purifiers ignore it): the one model context every
+# stage shares (device, dtype, preset, weights dir, protocol; `context.model(name)` loads or builds).
+BuildContext = ModelContext
 
 
 # --------------------------------------------------------------------------------------------- images

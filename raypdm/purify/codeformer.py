@@ -32,12 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from raypdm.models.codeformer import (
-    CodeFormer,
-    build_codeformer,
-    codeformer_weight_path,
-    load_codeformer,
-)
+from raypdm.models.codeformer import CodeFormer, codeformer_weight_path
 from raypdm.models.registry import get as get_model_spec
 from raypdm.models.weights import sha256_file
 from raypdm.purify.base import BuildContext, Purifier, PurifierOptions, register_purifier
@@ -74,12 +69,10 @@ class CodeFormerPurifier(Purifier):
         # Half precision on a CPU is slow and poorly supported; there the option is a no-op.
         self.dtype = _DTYPES[self.options.dtype] if self.device.type != "cpu" else torch.float32
         self.weights_path: Path | None = None
-        if self.context.preset == "full" and self.context.weights_dir is not None:
+        if self.context.real_weights:
             model_dir = get_model_spec("codeformer").model_dir(self.context.weights_dir)
-            self.weights_path = codeformer_weight_path(model_dir)
-            self.net: CodeFormer = load_codeformer(self.weights_path, self.device, self.dtype)
-        else:
-            self.net = build_codeformer(self.context.preset, self.device, self.dtype)
+            self.weights_path = codeformer_weight_path(model_dir)  # for weights_id
+        self.net: CodeFormer = self.context.model("codeformer", device=self.device, dtype=self.dtype)
         self.net.requires_grad_(False)
         self.size = self.net.config.img_size
 

@@ -141,19 +141,14 @@ class _LatentSDEditPurifier(Purifier):
     options: _SDEditOptions
 
     def __init__(self, options: _SDEditOptions, context: BuildContext | None):
-        from raypdm import models
 
         self.options = options
         context = context or BuildContext()
         self.device = torch.device(context.device)
         self.preset = context.preset
         self.dtype = _DTYPES[options.dtype] if self.device.type == "cuda" else torch.float32
-        if context.weights_dir and context.preset == "full":
-            parts = models.load("sd21-base", context.weights_dir, device=self.device)
-            self.weights = "weights"
-        else:
-            parts = models.build("sd21-base", preset=context.preset, device=self.device)
-            self.weights = "random"
+        parts = context.model("sd21-base", device=self.device)
+        self.weights = context.weights_source()
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.requires_grad_(False)  # inference only: no autograd bookkeeping
         # Imported here, not at the top: diffusers' pipelines take ~4 s to import, and every process that

@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 
 from raypdm.diffusion.gaussian import GaussianDiffusion, randn_rows, sdedit, space_timesteps
 from raypdm.models.adm import NAME as ADM_NAME
-from raypdm.models.adm import ADMUNet, adm_weight_path, build_adm, load_adm
+from raypdm.models.adm import ADMUNet, adm_weight_path
 from raypdm.models.registry import get as get_model_spec
 from raypdm.models.weights import sha256_file
 from raypdm.purify.base import (
@@ -126,11 +126,9 @@ class AdmBackbone:
         # Half precision on a CPU is slow and poorly supported: there the dtype option is a no-op.
         self.dtype = _DTYPES[dtype] if self.device.type != "cpu" else torch.float32
         self.weights_path: Path | None = None
-        if context.preset == "full" and context.weights_dir is not None:
-            self.weights_path = adm_weight_path(get_model_spec(ADM_NAME).model_dir(context.weights_dir))
-            self.net: ADMUNet = load_adm(self.weights_path, self.device, self.dtype)
-        else:
-            self.net = build_adm(context.preset, self.device, self.dtype)
+        if context.real_weights:
+            self.weights_path = adm_weight_path(get_model_spec(ADM_NAME).model_dir(context.weights_dir))  # weights_id
+        self.net: ADMUNet = context.model(ADM_NAME, device=self.device, dtype=self.dtype)
         self.net.requires_grad_(False)
         self.size = self.net.config.image_size
         self.diffusion = GaussianDiffusion.linear(NUM_TIMESTEPS, respacing or None)

@@ -73,7 +73,6 @@ class SRPurifier(Purifier):
     uses_gpu = True
 
     def __init__(self, options: SROptions | None = None, context: BuildContext | None = None):
-        from raypdm import models
 
         self.options = options or SROptions()
         self.options.prompt()  # fail now on a bad template, not inside an actor
@@ -82,12 +81,10 @@ class SRPurifier(Purifier):
         self.preset = context.preset
         on_gpu = self.device.type == "cuda"
         self.dtype = _DTYPES[self.options.dtype] if on_gpu else torch.float32
-        if context.weights_dir and context.preset == "full":
-            parts = models.load("sd-x4-upscaler", context.weights_dir, device=self.device)
-            self.weights = "weights"
-        else:
-            parts = models.build("sd-x4-upscaler", preset=context.preset, device=self.device)
-            self.weights = "random"
+        # In the dtype it will run in: the context caches per dtype, so converting after would change a
+        # model someone else holds.
+        parts = context.model("sd-x4-upscaler", device=self.device, dtype=self.dtype)
+        self.weights = context.weights_source()
         self.pipe = parts.to_pipeline()
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device)

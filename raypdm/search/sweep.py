@@ -85,6 +85,14 @@ class SweepConfig(JobConfig):
             raise ValueError("space.data may not use the name 'default' together with data")
         return self
 
+    @model_validator(mode="after")
+    def _weights_need_full(self) -> SweepConfig:
+        # As in train: weights are read only at the full preset (raypdm/models/context.py).
+        if self.weights_dir and self.preset != "full":
+            raise ValueError("weights_dir is read only at preset full (the tiny preset fine-tunes seeded random "
+                             "weights): set preset: full, or drop weights_dir")
+        return self
+
     def data_uris(self) -> dict[str, str]:
         return {**({"default": self.data} if self.data else {}), **self.space.data}
 

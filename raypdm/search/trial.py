@@ -99,11 +99,11 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report, trial_id
     trial's key (`trial`), which ties the trial's Parquet parts to its Tune result."""
     import torch
 
-    from raypdm import models
     from raypdm.metrics.identity import IdentityOptions, IdentityScorer
     from raypdm.metrics.quality import QualityScorer
     from raypdm.pipelines.evaluate import _reference_images
     from raypdm.sample.decoupled import DecoupledSampler, SamplingConfig, seeds_for
+    from raypdm.models.context import ModelContext
     from raypdm.search.space import class_suffix_for, noise_of
     from raypdm.train.distributed import _read_class_images
     from raypdm.train.dreambooth import DreamBoothTrainer
@@ -111,6 +111,8 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report, trial_id
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    base_models = ModelContext(device=device, preset=sweep.preset, weights_dir=sweep.weights_dir,
+                               protocol=sweep.protocol)
     key = trial_key(config, trial_id)
     (token, template), data_name = noise_of(config), config["data"]
     data_uri = sweep.data_uris()[data_name]
@@ -134,8 +136,8 @@ def run_trial(config: dict[str, Any], sweep, class_images: str, report, trial_id
             if ref_images:
                 reference = id_scorer.reference_embedding(ref_images)
         instance = _instance_images(data_uri, identity)
-        parts = (models.load("sd21-base", sweep.weights_dir, device=device) if sweep.weights_dir
-                 else models.build("sd21-base", preset=sweep.preset, device=device))
+        # a private copy per identity: it is fine-tuned
+        parts = base_models.model("sd21-base", fresh=True)
         trainer = DreamBoothTrainer(parts, sweep.train, prompts)
         trainer.cache_latents(instance, class_imgs)
 

@@ -255,11 +255,11 @@ def _read_class_images(folder: str) -> list:
 
 
 def _build_parts(job: IdentityTrainJob, device: torch.device | str):
-    from raypdm import models
+    """SD 2.1-base from the one model context, a private copy: it is fine-tuned."""
+    from raypdm.models.context import ModelContext
 
-    if job.weights_dir:
-        return models.load("sd21-base", job.weights_dir, device=device)
-    return models.build("sd21-base", preset=job.preset, device=device)
+    context = ModelContext(device=str(device), preset=job.preset, weights_dir=job.weights_dir)
+    return context.model("sd21-base", fresh=True)
 
 
 def _load_weights(parts, directory: Path) -> None:

@@ -9,7 +9,7 @@ z = mean + std·ε from them (`latents="sample"`, what the paper's code does wit
 without a VAE pass per step), or uses the mean (`latents="mean"`, deterministic and a little cheaper). Distributed wrappers (Ray Train, DeepSpeed) drive `DreamBoothTrainer.train_step`
 and checkpoint through `state_dict()` / `save_checkpoint()`; nothing here knows about them.
 
-    parts = models.build("sd21-base", preset="tiny")
+    parts = ModelContext(preset="tiny").model("sd21-base", fresh=True)   # raypdm.models.context
     trainer = DreamBoothTrainer(parts, TrainConfig(steps=4, resolution=32), cdl_prompts())
     trainer.fit(instance_images, class_images)
     trainer.export("out/identity-0")   # StableDiffusionPipeline.from_pretrained("out/identity-0")

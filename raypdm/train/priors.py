@@ -97,7 +97,10 @@ class ClassPriorConfig(StrictModel):
     @property
     def weights(self) -> str | None:
         """The weights the images come from: None means the preset's seeded random weights."""
-        return str(self.weights_dir) if (self.weights_dir and self.preset == "full") else None
+        from raypdm.models.context import ModelContext
+
+        real = ModelContext(preset=self.preset, weights_dir=self.weights_dir).real_weights
+        return str(self.weights_dir) if real else None
 
     def key_fields(self) -> dict[str, Any]:
         return {
@@ -297,10 +300,11 @@ def build_scheduler(base, name: str):
 
 
 def load_base_pipeline(preset: str, weights: str | None, device: str):
-    """The base SD 2.1 pipeline: real weights from `weights` or the preset's seeded random weights."""
-    from raypdm import models
+    """The base SD 2.1 pipeline: real weights from `weights` (set only at the full preset, see
+    `ClassPriorConfig.weights`) or the preset's seeded random weights, from the one model context."""
+    from raypdm.models.context import ModelContext
 
-    parts = models.load(MODEL, weights, device=device) if weights else models.build(MODEL, preset, device=device)
+    parts = ModelContext(device=str(device), preset=preset, weights_dir=weights).model(MODEL, fresh=True)
     pipe = parts.to_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -107,11 +107,19 @@ def test_full_preset_with_missing_weights_names_the_file_and_url(tmp_path):
     assert str(tmp_path / "codeformer" / "codeformer.pth") in message and CODEFORMER_URL in message
 
 
-def test_full_preset_loads_weights_from_weights_dir(tmp_path):
+def test_full_preset_loads_weights_from_weights_dir(tmp_path, monkeypatch):
+    from raypdm.models.weights import CorruptWeightsError
+    from raypdm.models.verify import NO_VERIFY_ENV
+
     # Random full-size weights saved the way the release file is laid out (``params_ema``).
     state = build_codeformer("full").state_dict()
     (tmp_path / "codeformer").mkdir()
     torch.save({"params_ema": state}, tmp_path / "codeformer" / "codeformer.pth")
+    # The purifier loads through the one model context, which checks the release's pinned sha256 ...
+    with pytest.raises(CorruptWeightsError, match="pinned sha256"):
+        build_purifier("codeformer", device="cpu", preset="full", weights_dir=str(tmp_path))
+    # ... unless the user vouches for the file (--no-verify), as for these random weights.
+    monkeypatch.setenv(NO_VERIFY_ENV, "1")
     purifier = build_purifier("codeformer", device="cpu", preset="full", weights_dir=str(tmp_path))
     key = "fuse_convs_dict.256.scale.2.weight"
     assert torch.equal(purifier.net.state_dict()[key], state[key])
