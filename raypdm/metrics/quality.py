@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raypdm.models.context import ModelContext
 from raypdm.models.clip import (
     LIQE_NAME,
     ClipBundle,
@@ -139,7 +140,8 @@ class QualityScorer:
         self.liqe_step = liqe_step
         self.liqe_num_patch = liqe_num_patch
         device = resolve_device(device)
-        if preset == "full" and weights_dir is not None and (clip_bundle is None or liqe_bundle is None):
+        real = ModelContext(preset=preset, weights_dir=weights_dir).real_weights
+        if real and (clip_bundle is None or liqe_bundle is None):
             # One error listing every missing file of both models, before seconds of loading.
             require_clip_weights([CLIP_NAME, LIQE_NAME], weights_dir)
         self.clip = clip_bundle or load_clip(preset, weights_dir, device, weights=CLIP_NAME)

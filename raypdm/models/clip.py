@@ -533,15 +533,16 @@ def load_clip(
     ``full`` with ``weights_dir``: real weights from ``<weights_dir>/<weights>/`` (``MissingWeightsError``
     names each missing file and the fetch command); ``full`` without: seeded random full-size weights.
     """
-    from raypdm import models
+    from raypdm.models.context import ModelContext
 
     if weights not in (NAME, LIQE_NAME):
         raise ValueError(f"weights must be {NAME!r} or {LIQE_NAME!r}, got {weights!r}")
     device = resolve_device(device)
-    if preset == "full" and weights_dir is not None:
-        require_clip_weights([weights], weights_dir)
-        return models.load(weights, weights_dir, device=device, dtype=dtype)
-    return models.build(weights, preset=preset, device=device, dtype=dtype)
+    context = ModelContext(device=str(device), preset=preset, weights_dir=weights_dir)
+    if context.real_weights:
+        require_clip_weights([weights], weights_dir)  # CLIP's own message for its two-folder layout
+    # fresh: this context lives for one call; the scorer that asked holds the model
+    return context.model(weights, dtype=dtype, fresh=True)
 
 
 # --------------------------------------------------------------------------------------------------
