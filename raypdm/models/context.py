@@ -97,6 +97,13 @@ class ModelContext:
             return models.load(name, self.weights_dir, device=device, dtype=dtype)
         return models.build(name, preset=self.preset, device=device, dtype=dtype)
 
+    def check_weights_used(self) -> None:
+        """For a config whose weights dir would be ignored (a tiny preset): a ValueError instead of a run that
+        silently uses random weights while the user thinks they are real."""
+        if self.weights_dir and not self.real_weights:
+            raise ValueError(f"weights_dir is read only at preset full (the {self.preset} preset uses seeded random "
+                             "weights): set the preset to full, or drop the weights dir")
+
     def forget(self) -> None:
         """Drop every cached model (an actor that is done with a stage's models)."""
         with self._lock:

@@ -68,11 +68,9 @@ class TrainJobConfig(JobConfig):
 
     @model_validator(mode="after")
     def _weights_need_full(self) -> TrainJobConfig:
-        # Every model is loaded from a weights dir only at the full preset (raypdm/models/context.py); a
-        # tiny run with a weights dir would silently fine-tune random weights.
-        if self.weights_dir and self.preset != "full":
-            raise ValueError("weights_dir is read only at preset full (the tiny preset fine-tunes seeded random "
-                             "weights): add --preset full, or drop --weights-dir")
+        from raypdm.models.context import ModelContext
+
+        ModelContext(preset=self.preset, weights_dir=self.weights_dir).check_weights_used()
         return self
 
     @model_validator(mode="after")

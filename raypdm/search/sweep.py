@@ -87,10 +87,9 @@ class SweepConfig(JobConfig):
 
     @model_validator(mode="after")
     def _weights_need_full(self) -> SweepConfig:
-        # As in train: weights are read only at the full preset (raypdm/models/context.py).
-        if self.weights_dir and self.preset != "full":
-            raise ValueError("weights_dir is read only at preset full (the tiny preset fine-tunes seeded random "
-                             "weights): set preset: full, or drop weights_dir")
+        from raypdm.models.context import ModelContext
+
+        ModelContext(preset=self.preset, weights_dir=self.weights_dir).check_weights_used()
         return self
 
     def data_uris(self) -> dict[str, str]:

@@ -46,6 +46,16 @@ def test_the_rule_full_with_weights_loads_everything_else_builds(tmp_path):
     assert n(meta) > 10 * n(tiny)
 
 
+def test_train_and_sweep_refuse_a_weights_dir_they_would_ignore(tmp_path):
+    from raypdm.config import ConfigError, validate_config
+    from raypdm.pipelines.train import TrainJobConfig
+
+    data = {"data": str(tmp_path), "output": str(tmp_path / "o"), "weights_dir": str(tmp_path / "w")}
+    with pytest.raises(ConfigError, match="weights_dir is read only at preset full"):
+        validate_config(TrainJobConfig, data)
+    assert validate_config(TrainJobConfig, {**data, "preset": "full"}).weights_dir
+
+
 def test_bad_dtype_is_named():
     with pytest.raises(ValueError, match="dtype"):
         ModelContext(dtype="fp8")
