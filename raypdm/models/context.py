@@ -101,8 +101,8 @@ class ModelContext:
         """For a config whose weights dir would be ignored (a tiny preset): a ValueError instead of a run that
         silently uses random weights while the user thinks they are real."""
         if self.weights_dir and not self.real_weights:
-            raise ValueError(f"weights_dir is read only at preset full (the {self.preset} preset uses seeded random "
-                             "weights): set the preset to full, or drop the weights dir")
+            raise ValueError(f"read only at preset full (the {self.preset} preset uses seeded random weights): set "
+                             "the preset to full, or drop the weights dir")
 
     def forget(self) -> None:
         """Drop every cached model (an actor that is done with a stage's models)."""

@@ -66,12 +66,14 @@ class TrainJobConfig(JobConfig):
     def _installed(cls, v: list[str]) -> list[str]:
         return check_backends(v)
 
-    @model_validator(mode="after")
-    def _weights_need_full(self) -> TrainJobConfig:
+    @field_validator("weights_dir")
+    @classmethod
+    def _weights_need_full(cls, v, info):
+        # A field validator (preset is declared before it), so the error names `weights_dir`.
         from raypdm.models.context import ModelContext
 
-        ModelContext(preset=self.preset, weights_dir=self.weights_dir).check_weights_used()
-        return self
+        ModelContext(preset=info.data.get("preset", "tiny"), weights_dir=v).check_weights_used()
+        return v
 
     @model_validator(mode="after")
     def _mlflow_store(self) -> TrainJobConfig:

@@ -85,12 +85,14 @@ class SweepConfig(JobConfig):
             raise ValueError("space.data may not use the name 'default' together with data")
         return self
 
-    @model_validator(mode="after")
-    def _weights_need_full(self) -> SweepConfig:
+    @field_validator("weights_dir")
+    @classmethod
+    def _weights_need_full(cls, v, info):
+        # A field validator (preset is declared before it), so the error names `weights_dir`.
         from raypdm.models.context import ModelContext
 
-        ModelContext(preset=self.preset, weights_dir=self.weights_dir).check_weights_used()
-        return self
+        ModelContext(preset=info.data.get("preset", "tiny"), weights_dir=v).check_weights_used()
+        return v
 
     def data_uris(self) -> dict[str, str]:
         return {**({"default": self.data} if self.data else {}), **self.space.data}

@@ -51,7 +51,7 @@ def test_train_and_sweep_refuse_a_weights_dir_they_would_ignore(tmp_path):
     from raypdm.pipelines.train import TrainJobConfig
 
     data = {"data": str(tmp_path), "output": str(tmp_path / "o"), "weights_dir": str(tmp_path / "w")}
-    with pytest.raises(ConfigError, match="weights_dir is read only at preset full"):
+    with pytest.raises(ConfigError, match=r"weights_dir: read only at preset full"):
         validate_config(TrainJobConfig, data)
     assert validate_config(TrainJobConfig, {**data, "preset": "full"}).weights_dir
 
